@@ -1,0 +1,203 @@
+//! `BootstrapClient`: asks the existing API who a connecting user is
+//! (`GET <backend.url><bootstrapPath>`) and which rooms they may join.
+//!
+//! The outcome decides the close code (DESIGN.md §2 "Connect"): a refusal
+//! (`401`/`403`, any other 3xx/4xx, or a body that is not a bootstrap answer)
+//! closes with 4401, so the client treats the user as logged out; a backend
+//! that is down, slow, overloaded (`429`) or failing (`5xx`) closes with 1013
+//! (try again later), so clients retry instead of logging the user out.
+
+use std::time::{Duration, Instant};
+
+use axum::http::{HeaderName, HeaderValue, StatusCode};
+use serde_json::Value;
+
+use crate::config::{BackendConfig, seconds};
+use crate::metrics::{Metrics, Outcome};
+use crate::room::Room;
+
+/// Largest bootstrap response body read.
+const MAX_BODY_BYTES: usize = 4 << 20;
+
+/// Close code for a refused user.
+pub const CLOSE_UNAUTHORIZED: u16 = 4401;
+/// Close code for "try again later".
+pub const CLOSE_TRY_AGAIN_LATER: u16 = 1013;
+
+/// Why a bootstrap call did not authorise the user.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BootstrapError {
+    /// The backend refused the user.
+    #[error("backend answered {0}")]
+    Denied(StatusCode),
+    /// `200`, but not `{"allowed_rooms": [room, …]}`.
+    #[error("backend answer is not a bootstrap object: {0}")]
+    InvalidBody(&'static str),
+    /// Unreachable, timed out, `429` or `5xx`.
+    #[error("backend unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl BootstrapError {
+    /// The websocket close code this outcome gets.
+    pub fn close_code(&self) -> u16 {
+        match self {
+            BootstrapError::Denied(_) | BootstrapError::InvalidBody(_) => CLOSE_UNAUTHORIZED,
+            BootstrapError::Unavailable(_) => CLOSE_TRY_AGAIN_LATER,
+        }
+    }
+
+    /// Metric label.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            BootstrapError::Denied(_) => "denied",
+            BootstrapError::InvalidBody(_) => "invalid_body",
+            BootstrapError::Unavailable(_) => "unavailable",
+        }
+    }
+}
+
+/// Client for the backend's bootstrap endpoint.
+pub struct BootstrapClient {
+    /// HTTP client (pooled connections, TCP or unix socket).
+    client: reqwest::Client,
+    /// `backend.url` joined with `bootstrapPath`.
+    url: reqwest::Url,
+    /// Where latency and outcomes are counted.
+    metrics: std::sync::Arc<Metrics>,
+}
+
+/// Why the client cannot be built.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendSetupError {
+    /// `backend.url` + `bootstrapPath` is not a URL.
+    #[error("backend.url / backend.bootstrapPath do not form a URL: {0}")]
+    Url(String),
+    /// The HTTP client could not be built.
+    #[error("cannot build the backend HTTP client: {0}")]
+    Client(String),
+}
+
+/// Parses a bootstrap answer into the allowed rooms.
+pub fn parse_bootstrap(body: &[u8]) -> Result<Vec<Room>, BootstrapError> {
+    let Ok(Value::Object(obj)) = serde_json::from_slice::<Value>(body) else {
+        return Err(BootstrapError::InvalidBody("not a JSON object"));
+    };
+    match obj.get("allowed_rooms") {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::Array(rooms)) => rooms
+            .iter()
+            .map(|r| Room::from_json(r).map_err(|_| BootstrapError::InvalidBody("allowed_rooms holds a non-room")))
+            .collect(),
+        Some(_) => Err(BootstrapError::InvalidBody("allowed_rooms is not a list")),
+    }
+}
+
+impl BootstrapClient {
+    /// A client for `config`, reporting into `metrics`.
+    pub fn new(config: &BackendConfig, metrics: std::sync::Arc<Metrics>) -> Result<BootstrapClient, BackendSetupError> {
+        let base = config.url.as_deref().unwrap_or_default();
+        // Join relative to the base's directory, whether or not it ends in '/'.
+        let base = if base.ends_with('/') { base.to_string() } else { format!("{base}/") };
+        let url = reqwest::Url::parse(&base)
+            .and_then(|b| b.join(&config.bootstrap_path))
+            .map_err(|e| BackendSetupError::Url(e.to_string()))?;
+        let timeout = seconds(config.timeout_seconds);
+        let mut builder = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout)
+            .redirect(reqwest::redirect::Policy::none())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .user_agent(concat!("high-templar-gateway/", env!("CARGO_PKG_VERSION")));
+        if let Some(socket) = &config.socket {
+            builder = builder.unix_socket(socket.clone());
+        }
+        let client = builder.build().map_err(|e| BackendSetupError::Client(e.to_string()))?;
+        Ok(BootstrapClient { client, url, metrics })
+    }
+
+    /// The bootstrap URL.
+    pub fn url(&self) -> &reqwest::Url {
+        &self.url
+    }
+
+    /// Calls the backend with the forwarded `headers`.
+    pub async fn bootstrap(&self, headers: Vec<(HeaderName, HeaderValue)>) -> Result<Vec<Room>, BootstrapError> {
+        let start = Instant::now();
+        let result = self.call(headers).await;
+        self.metrics.backend_latency.observe(start.elapsed().as_secs_f64());
+        let outcome = match &result {
+            Ok(_) => "authorized",
+            Err(e) => e.outcome(),
+        };
+        self.metrics.auth.get_or_create(&Outcome { outcome }).inc();
+        result
+    }
+
+    async fn call(&self, headers: Vec<(HeaderName, HeaderValue)>) -> Result<Vec<Room>, BootstrapError> {
+        let mut request = self.client.get(self.url.clone());
+        for (name, value) in headers {
+            request = request.header(name, value);
+        }
+        // `without_url`: the message must not carry anything from the request.
+        let unavailable = |e: reqwest::Error| BootstrapError::Unavailable(e.without_url().to_string());
+        let mut response = request.send().await.map_err(unavailable)?;
+        let status = response.status();
+        if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
+            return Err(BootstrapError::Unavailable(format!("backend answered {status}")));
+        }
+        if !status.is_success() {
+            return Err(BootstrapError::Denied(status));
+        }
+        let mut body = Vec::new();
+        while let Some(chunk) = response.chunk().await.map_err(unavailable)? {
+            if body.len() + chunk.len() > MAX_BODY_BYTES {
+                return Err(BootstrapError::InvalidBody("larger than 4 MiB"));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        parse_bootstrap(&body)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bootstrap_bodies() {
+        assert_eq!(parse_bootstrap(br#"{}"#), Ok(vec![]));
+        assert_eq!(parse_bootstrap(br#"{"allowed_rooms": null, "user": 1}"#), Ok(vec![]));
+        let rooms = parse_bootstrap(br#"{"allowed_rooms": [{"u": 1}, {"u": "*", "t": "x"}]}"#).expect("valid");
+        assert_eq!(rooms.len(), 2);
+        assert_eq!(parse_bootstrap(b"<html>"), Err(BootstrapError::InvalidBody("not a JSON object")));
+        assert_eq!(parse_bootstrap(b"[]"), Err(BootstrapError::InvalidBody("not a JSON object")));
+        assert_eq!(
+            parse_bootstrap(br#"{"allowed_rooms": {"u": 1}}"#),
+            Err(BootstrapError::InvalidBody("allowed_rooms is not a list"))
+        );
+        assert_eq!(
+            parse_bootstrap(br#"{"allowed_rooms": [{"u": [1]}]}"#),
+            Err(BootstrapError::InvalidBody("allowed_rooms holds a non-room"))
+        );
+    }
+
+    #[test]
+    fn close_codes() {
+        assert_eq!(BootstrapError::Denied(StatusCode::FORBIDDEN).close_code(), 4401);
+        assert_eq!(BootstrapError::InvalidBody("x").close_code(), 4401);
+        assert_eq!(BootstrapError::Unavailable("x".into()).close_code(), 1013);
+    }
+
+    #[test]
+    fn url_joins_relative_to_the_base() {
+        let m = std::sync::Arc::new(Metrics::new());
+        let mut c = BackendConfig {
+            url: Some("http://api:8000/api/".into()),
+            ..BackendConfig::default()
+        };
+        assert_eq!(BootstrapClient::new(&c, m.clone()).expect("ok").url().as_str(), "http://api:8000/api/bootstrap/");
+        c.url = Some("http://api:8000/api".into());
+        assert_eq!(BootstrapClient::new(&c, m).expect("ok").url().as_str(), "http://api:8000/api/bootstrap/");
+    }
+}

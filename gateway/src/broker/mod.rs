@@ -1,0 +1,31 @@
+//! Brokers carry triggers to every gateway replica (DESIGN.md §3). One
+//! trait, one implementation per transport; only `broker/` knows how.
+
+use futures_util::future::BoxFuture;
+
+use crate::trigger::Trigger;
+
+mod memory;
+
+pub use memory::MemoryBroker;
+
+/// Why a trigger could not be published.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// The broker is not connected; try again later.
+    #[error("broker unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// A transport for triggers.
+pub trait Broker: Send + Sync + 'static {
+    /// Publishes `trigger` so that every replica (this one included) fans it
+    /// out. Resolves once the broker has accepted it.
+    fn publish(&self, trigger: Trigger) -> BoxFuture<'_, Result<(), BrokerError>>;
+
+    /// Whether triggers flow now; drives `/readyz`.
+    fn is_ready(&self) -> bool;
+
+    /// A short name for logs and metrics.
+    fn name(&self) -> &'static str;
+}

@@ -1,0 +1,393 @@
+//! Gateway configuration: one YAML document (the file the operator writes
+//! into the ConfigMap), overridden by command-line flags and `HT_*`
+//! environment variables. Every field has a default except `backend.url`.
+//!
+//! Field names are camelCase, as in the `HighTemplar` resource. Unknown
+//! fields are errors, so a typo never silently falls back to a default.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::forwarding::{ForwardRule, validate_rule};
+
+/// A secret string: never printed by `Debug`, so it cannot reach a log line.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// The whole gateway configuration.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct Config {
+    /// Address of the HTTP/websocket listener.
+    pub listen: Listen,
+    /// The existing API the gateway authenticates against.
+    pub backend: BackendConfig,
+    /// Where triggers come from.
+    pub broker: BrokerConfig,
+    /// `POST /trigger`.
+    pub trigger: TriggerConfig,
+    /// Per-connection and per-process limits.
+    pub limits: Limits,
+    /// SIGTERM behaviour.
+    pub shutdown: ShutdownConfig,
+    /// Whether clients may ask for `{"type":"status"}`.
+    pub client_status: ClientStatusConfig,
+}
+
+/// A listen address, default `0.0.0.0:8080`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Listen(pub SocketAddr);
+
+impl Default for Listen {
+    fn default() -> Self {
+        Listen(SocketAddr::from(([0, 0, 0, 0], 8080)))
+    }
+}
+
+/// The backend that answers `bootstrap/`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct BackendConfig {
+    /// Base URL, e.g. `http://api.default.svc:8000/api/`. Required.
+    pub url: Option<String>,
+    /// Unix socket to reach the backend through instead of TCP; `url`
+    /// still gives the path and `Host`.
+    pub socket: Option<PathBuf>,
+    /// Path of the bootstrap call, relative to `url`.
+    pub bootstrap_path: String,
+    /// Timeout of the whole bootstrap call.
+    pub timeout_seconds: f64,
+    /// Extra forwarding rules (DESIGN.md §2), added to or replacing the 3.x table.
+    pub forward: Vec<ForwardRule>,
+}
+
+impl Default for BackendConfig {
+    fn default() -> Self {
+        BackendConfig {
+            url: None,
+            socket: None,
+            bootstrap_path: "bootstrap/".into(),
+            timeout_seconds: 5.0,
+            forward: Vec::new(),
+        }
+    }
+}
+
+/// Which broker carries triggers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "camelCase")]
+pub enum BrokerKind {
+    /// In-process: a single gateway, no RabbitMQ.
+    #[default]
+    Memory,
+}
+
+/// Broker selection and settings.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct BrokerConfig {
+    /// `memory` (default).
+    pub kind: BrokerKind,
+}
+
+/// `POST /trigger` settings.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct TriggerConfig {
+    /// Bearer token; the endpoint answers 404 when unset. Prefer the
+    /// `HT_TRIGGER_TOKEN` environment variable to a file.
+    pub token: Option<Secret>,
+    /// Largest accepted body.
+    pub max_body_bytes: usize,
+}
+
+impl Default for TriggerConfig {
+    fn default() -> Self {
+        TriggerConfig {
+            token: None,
+            max_body_bytes: 1 << 20,
+        }
+    }
+}
+
+/// Limits protecting the process.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct Limits {
+    /// Open websocket connections per process; more are refused with 503.
+    pub max_connections: usize,
+    /// Subscriptions per connection (`too-many-subscriptions` past it).
+    pub max_subscriptions_per_connection: usize,
+    /// Largest client message; a larger one closes with 1009.
+    pub max_message_bytes: usize,
+    /// Close a connection after this long without any client frame.
+    pub idle_timeout_seconds: f64,
+    /// Interval of server websocket pings.
+    pub ping_interval_seconds: f64,
+    /// Publish frames queued per connection; a client further behind is
+    /// disconnected with 1013 (slow consumer).
+    pub outbound_queue: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 50_000,
+            max_subscriptions_per_connection: 1_000,
+            max_message_bytes: 64 * 1024,
+            idle_timeout_seconds: 300.0,
+            ping_interval_seconds: 30.0,
+            outbound_queue: 1024,
+        }
+    }
+}
+
+/// What SIGTERM does (DESIGN.md §4).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct ShutdownConfig {
+    /// Time between readiness going 503 and the first websocket close, so
+    /// load balancers stop sending new clients.
+    pub drain_delay_seconds: f64,
+    /// Websockets are closed (1001) at random moments over this window, so
+    /// clients do not reconnect all at once.
+    pub close_window_seconds: f64,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        ShutdownConfig {
+            drain_delay_seconds: 5.0,
+            close_window_seconds: 10.0,
+        }
+    }
+}
+
+/// The client `status` frame.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct ClientStatusConfig {
+    /// When false, `{"type":"status"}` gets `message-type-not-allowed`.
+    pub enabled: bool,
+}
+
+impl Default for ClientStatusConfig {
+    fn default() -> Self {
+        ClientStatusConfig { enabled: true }
+    }
+}
+
+/// A configuration that cannot be used. The message names the field.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The YAML does not fit the schema.
+    #[error("config file {path}: field `{field}`: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// Dotted path of the offending field.
+        field: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// A value is out of range or inconsistent.
+    #[error("invalid configuration: `{field}`: {message}")]
+    Invalid {
+        /// Dotted path of the offending field.
+        field: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+impl Config {
+    /// Reads a YAML config file.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::from_yaml(&text).map_err(|(field, message)| ConfigError::Parse {
+            path: path.to_owned(),
+            field,
+            message,
+        })
+    }
+
+    /// Parses YAML; on error returns the field path and the message.
+    pub fn from_yaml(text: &str) -> Result<Config, (String, String)> {
+        // An empty file is an empty mapping: all defaults.
+        if text.trim().is_empty() {
+            return Ok(Config::default());
+        }
+        serde_path_to_error::deserialize(serde_yaml::Deserializer::from_str(text)).map_err(|e| {
+            let field = e.path().to_string();
+            let field = if field == "." { "(top level)".to_string() } else { field };
+            (field, e.into_inner().to_string())
+        })
+    }
+
+    /// Checks values that types alone do not: required fields, ranges.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |field, message: &str| ConfigError::Invalid {
+            field,
+            message: message.to_string(),
+        };
+        match &self.backend.url {
+            None => {
+                return Err(invalid(
+                    "backend.url",
+                    "required: set it in the config file, with --backend-url or HT_BACKEND_URL",
+                ));
+            }
+            Some(url) => {
+                let parsed = reqwest::Url::parse(url)
+                    .map_err(|e| invalid("backend.url", &format!("not a URL: {e}")))?;
+                if parsed.scheme() != "http" {
+                    return Err(invalid("backend.url", "only http:// backends are supported"));
+                }
+            }
+        }
+        if self.backend.bootstrap_path.starts_with('/') {
+            return Err(invalid(
+                "backend.bootstrapPath",
+                "must be relative to backend.url (no leading '/')",
+            ));
+        }
+        let positive = |field, v: f64| {
+            if v.is_finite() && v > 0.0 && v < 1e9 {
+                Ok(())
+            } else {
+                Err(invalid(field, "must be a positive number of seconds"))
+            }
+        };
+        positive("backend.timeoutSeconds", self.backend.timeout_seconds)?;
+        positive("limits.idleTimeoutSeconds", self.limits.idle_timeout_seconds)?;
+        positive("limits.pingIntervalSeconds", self.limits.ping_interval_seconds)?;
+        let non_negative = |field, v: f64| {
+            if v.is_finite() && (0.0..1e9).contains(&v) {
+                Ok(())
+            } else {
+                Err(invalid(field, "must be zero or a positive number of seconds"))
+            }
+        };
+        non_negative("shutdown.drainDelaySeconds", self.shutdown.drain_delay_seconds)?;
+        non_negative("shutdown.closeWindowSeconds", self.shutdown.close_window_seconds)?;
+        let at_least_one = |field, v: usize| {
+            if v >= 1 {
+                Ok(())
+            } else {
+                Err(invalid(field, "must be at least 1"))
+            }
+        };
+        at_least_one("limits.maxConnections", self.limits.max_connections)?;
+        at_least_one("limits.maxSubscriptionsPerConnection", self.limits.max_subscriptions_per_connection)?;
+        at_least_one("limits.outboundQueue", self.limits.outbound_queue)?;
+        at_least_one("trigger.maxBodyBytes", self.trigger.max_body_bytes)?;
+        if self.limits.max_message_bytes < 16 {
+            return Err(invalid("limits.maxMessageBytes", "must be at least 16"));
+        }
+        if let Some(token) = &self.trigger.token
+            && token.0.is_empty()
+        {
+            return Err(invalid("trigger.token", "must not be empty (leave it unset to disable POST /trigger)"));
+        }
+        for rule in &self.backend.forward {
+            validate_rule(rule).map_err(|e| invalid("backend.forward", &format!("header {:?}: {e}", rule.header)))?;
+        }
+        Ok(())
+    }
+}
+
+/// Seconds as a `Duration` (validated values only).
+pub fn seconds(v: f64) -> Duration {
+    Duration::from_secs_f64(v.max(0.0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_document_is_all_defaults_but_needs_a_backend() {
+        let c = Config::from_yaml("").expect("parses");
+        assert_eq!(c.listen, Listen::default());
+        assert_eq!(c.backend.bootstrap_path, "bootstrap/");
+        assert_eq!(c.limits.max_message_bytes, 65536);
+        let e = c.validate().expect_err("no backend url");
+        assert!(e.to_string().contains("backend.url"), "{e}");
+    }
+
+    #[test]
+    fn full_document() {
+        let c = Config::from_yaml(
+            r#"
+listen: 127.0.0.1:9000
+backend:
+  url: http://api:8000/api/
+  bootstrapPath: boot/
+  timeoutSeconds: 2.5
+  forward:
+    - header: X-Tenant
+      from: {cookie: tenant}
+trigger: {token: s3cret}
+limits: {maxConnections: 10, idleTimeoutSeconds: 60}
+shutdown: {drainDelaySeconds: 0, closeWindowSeconds: 1}
+clientStatus: {enabled: false}
+"#,
+        )
+        .expect("parses");
+        c.validate().expect("valid");
+        assert_eq!(c.listen.0.port(), 9000);
+        assert_eq!(c.limits.max_connections, 10);
+        assert_eq!(c.limits.max_subscriptions_per_connection, 1000, "unset fields keep defaults");
+        assert!(!c.client_status.enabled);
+        assert!(!format!("{c:?}").contains("s3cret"), "Debug redacts the token");
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let (field, msg) = Config::from_yaml("limits:\n  maxConnections: lots\n").expect_err("bad type");
+        assert_eq!(field, "limits.maxConnections");
+        assert!(msg.contains("invalid type"), "{msg}");
+        let (field, _) = Config::from_yaml("backend:\n  urll: x\n").expect_err("unknown field");
+        assert_eq!(field, "backend.urll");
+        let (field, _) = Config::from_yaml("broker: {kind: kafka}\n").expect_err("unknown broker");
+        assert_eq!(field, "broker.kind");
+        let mut c = Config::from_yaml("backend: {url: 'http://a/'}\nlimits: {pingIntervalSeconds: 0}").expect("parses");
+        let e = c.validate().expect_err("zero ping interval");
+        assert!(e.to_string().contains("limits.pingIntervalSeconds"), "{e}");
+        c.limits.ping_interval_seconds = 1.0;
+        c.backend.forward.push(serde_yaml::from_str("{header: Host, from: {value: x}}").expect("rule"));
+        let e = c.validate().expect_err("host rule");
+        assert!(e.to_string().contains("Host"), "{e}");
+    }
+
+    #[test]
+    fn backend_url_must_be_http() {
+        let c = Config::from_yaml("backend: {url: 'ftp://a/'}").expect("parses");
+        assert!(c.validate().expect_err("ftp").to_string().contains("backend.url"));
+        let c = Config::from_yaml("backend: {url: 'not a url'}").expect("parses");
+        assert!(c.validate().expect_err("garbage").to_string().contains("backend.url"));
+    }
+}

@@ -1,0 +1,168 @@
+//! The HTTP surface: `/ws/` (websocket upgrade), `POST /trigger`,
+//! `/healthz`, `/readyz`, `/metrics` (DESIGN.md §2–§4).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{ConnectInfo, State};
+use axum::http::{HeaderMap, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::json;
+use subtle::ConstantTimeEq;
+use tracing::{info, warn};
+
+use crate::forwarding::ClientRequest;
+use crate::gateway::Gateway;
+use crate::metrics::{Reason, TriggerSource};
+use crate::session;
+use crate::trigger::Trigger;
+
+/// The router of one gateway process.
+pub fn router(gateway: Arc<Gateway>) -> Router {
+    Router::new()
+        .route("/ws", get(websocket))
+        .route("/ws/", get(websocket))
+        .route("/trigger", post(trigger))
+        .route("/trigger/", post(trigger))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(gateway)
+}
+
+fn json_error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, axum::Json(json!({ "error": message.into() }))).into_response()
+}
+
+async fn readyz(State(gateway): State<Arc<Gateway>>) -> Response {
+    if gateway.is_draining() {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
+    } else if !gateway.broker.is_ready() {
+        (StatusCode::SERVICE_UNAVAILABLE, format!("broker {} not ready\n", gateway.broker.name())).into_response()
+    } else {
+        "ready\n".into_response()
+    }
+}
+
+async fn metrics(State(gateway): State<Arc<Gateway>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        gateway.metrics.encode(),
+    )
+        .into_response()
+}
+
+async fn websocket(
+    State(gateway): State<Arc<Gateway>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    uri: Uri,
+    headers: HeaderMap,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    let refuse = |reason: &'static str, message: &'static str| {
+        gateway.metrics.connections_refused.get_or_create(&Reason { reason }).inc();
+        (StatusCode::SERVICE_UNAVAILABLE, message).into_response()
+    };
+    if gateway.is_draining() {
+        return refuse("draining", "shutting down\n");
+    }
+    if gateway.metrics.connections_open.get() >= gateway.config.limits.max_connections as i64 {
+        return refuse("max_connections", "too many connections\n");
+    }
+    // Only what the forwarding rules pick is kept for the session.
+    let backend_headers = gateway.forwarding.backend_headers(&ClientRequest {
+        headers: &headers,
+        query: uri.query(),
+        peer: peer.ip(),
+    });
+    let max = gateway.config.limits.max_message_bytes;
+    let tracker = gateway.sessions.clone();
+    upgrade
+        .max_message_size(max)
+        .max_frame_size(max)
+        .on_failed_upgrade(|e| warn!(error = %e, "websocket upgrade failed"))
+        .on_upgrade(move |socket| tracker.track_future(session::run(socket, gateway, backend_headers, peer)))
+}
+
+/// `Authorization: Bearer <token>` compared in constant time.
+fn bearer_matches(headers: &HeaderMap, token: &str) -> bool {
+    let Some(given) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+    else {
+        return false;
+    };
+    given.trim().as_bytes().ct_eq(token.as_bytes()).into()
+}
+
+async fn trigger(State(gateway): State<Arc<Gateway>>, headers: HeaderMap, body: Body) -> Response {
+    let reject = |reason: &'static str| {
+        gateway.metrics.triggers_rejected.get_or_create(&Reason { reason }).inc();
+    };
+    let Some(token) = &gateway.config.trigger.token else {
+        return json_error(StatusCode::NOT_FOUND, "POST /trigger is disabled: no trigger token is configured");
+    };
+    if !bearer_matches(&headers, &token.0) {
+        reject("unauthorized");
+        let mut response = json_error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+        response
+            .headers_mut()
+            .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+        return response;
+    }
+    let limit = gateway.config.trigger.max_body_bytes;
+    let bytes = match axum::body::to_bytes(body, limit).await {
+        Ok(bytes) => bytes,
+        Err(e) => {
+            let too_big = std::error::Error::source(&e)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+            if too_big {
+                reject("too_large");
+                return json_error(StatusCode::PAYLOAD_TOO_LARGE, format!("trigger body is larger than {limit} bytes"));
+            }
+            reject("body_error");
+            return json_error(StatusCode::BAD_REQUEST, "could not read the request body");
+        }
+    };
+    let trigger = match Trigger::parse(&bytes) {
+        Ok(t) => t,
+        Err(e) => {
+            reject(e.reason());
+            return json_error(StatusCode::BAD_REQUEST, e.to_string());
+        }
+    };
+    gateway.metrics.triggers.get_or_create(&TriggerSource { source: "http" }).inc();
+    let rooms = trigger.rooms.len();
+    match gateway.broker.publish(trigger).await {
+        Ok(()) => {
+            info!(rooms, "trigger accepted");
+            (StatusCode::ACCEPTED, axum::Json(json!({"status": "accepted"}))).into_response()
+        }
+        Err(e) => {
+            warn!(error = %e, "trigger not published");
+            json_error(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_token_check() {
+        let mut h = HeaderMap::new();
+        assert!(!bearer_matches(&h, "t0k"));
+        h.insert(header::AUTHORIZATION, "Bearer t0k".parse().expect("value"));
+        assert!(bearer_matches(&h, "t0k"));
+        assert!(!bearer_matches(&h, "t0"));
+        assert!(!bearer_matches(&h, "t0kk"));
+        h.insert(header::AUTHORIZATION, "Token t0k".parse().expect("value"));
+        assert!(!bearer_matches(&h, "t0k"));
+    }
+}

@@ -1,0 +1,280 @@
+//! The `Hub`: the subscriptions of every session of this process, and the
+//! fan-out of a trigger to them.
+//!
+//! Fan-out runs under the index lock and never waits: each matching
+//! subscription gets a [`Delivery`] pushed with `try_send` onto its session's
+//! bounded queue. A full queue marks the session as a slow consumer (it then
+//! closes itself with 1013); nobody else waits for it.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Instant, SystemTime};
+
+use tokio::sync::mpsc;
+use tokio::sync::mpsc::error::TrySendError;
+use tokio_util::sync::CancellationToken;
+
+use crate::index::{RoomIndex, SubscriptionId};
+use crate::metrics::{Metrics, Reason};
+use crate::protocol::{self, HubStatus, RequestId};
+use crate::room::Room;
+use crate::trigger::Trigger;
+
+/// One publish frame for one subscription, as two shared halves: the
+/// trigger's prefix (built once per trigger) and the subscription's
+/// `requestId` suffix (built once per subscription). Queueing it allocates
+/// nothing per subscriber. Both are `str`, so the socket writer joins them
+/// into a text frame without re-validating UTF-8.
+#[derive(Clone, Debug)]
+pub struct Delivery {
+    /// `{"type":"publish","data":…,"requestId":`
+    pub prefix: Arc<str>,
+    /// `<requestId>}`
+    pub suffix: Arc<str>,
+}
+
+impl Delivery {
+    /// The whole frame text.
+    pub fn text(&self) -> String {
+        let mut s = String::with_capacity(self.prefix.len() + self.suffix.len());
+        s.push_str(&self.prefix);
+        s.push_str(&self.suffix);
+        s
+    }
+}
+
+/// The hub's handle on one session: its queue and its slow-consumer flag.
+#[derive(Debug)]
+pub struct SessionHandle {
+    /// Queue of publish frames to the session's socket writer.
+    queue: mpsc::Sender<Delivery>,
+    /// Cancelled when the queue overflowed: the session must close (1013).
+    overflowed: CancellationToken,
+}
+
+impl SessionHandle {
+    /// Resolves when the session fell too far behind and must close.
+    pub async fn overflowed(&self) {
+        self.overflowed.cancelled().await
+    }
+}
+
+/// What the index stores per subscription.
+struct Subscriber {
+    /// The session to deliver to.
+    session: Arc<SessionHandle>,
+    /// `<requestId>}` of this subscription.
+    suffix: Arc<str>,
+}
+
+/// Outcome of one trigger's fan-out.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct FanOut {
+    /// Publish frames queued.
+    pub delivered: u64,
+    /// Publish frames dropped because the session's queue was full.
+    pub dropped: u64,
+}
+
+/// Subscriptions and fan-out of one process.
+pub struct Hub {
+    /// All subscriptions, by room.
+    index: Mutex<RoomIndex<Subscriber>>,
+    /// Next subscription id.
+    next_id: AtomicU64,
+    /// Process metrics (also the source of the `status` counters).
+    metrics: Arc<Metrics>,
+    /// Process start, for `status`.
+    online_since: SystemTime,
+}
+
+impl Hub {
+    /// An empty hub reporting into `metrics`.
+    pub fn new(metrics: Arc<Metrics>) -> Hub {
+        Hub {
+            index: Mutex::new(RoomIndex::new()),
+            next_id: AtomicU64::new(1),
+            metrics,
+            online_since: SystemTime::now(),
+        }
+    }
+
+    fn index(&self) -> MutexGuard<'_, RoomIndex<Subscriber>> {
+        // A panic while holding the lock cannot leave the index half-updated
+        // in a way that matters more than losing the process; keep serving.
+        self.index.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// A new session's handle and the receiving end of its queue.
+    pub fn open_session(&self, queue: usize) -> (Arc<SessionHandle>, mpsc::Receiver<Delivery>) {
+        let (tx, rx) = mpsc::channel(queue);
+        let handle = SessionHandle {
+            queue: tx,
+            overflowed: CancellationToken::new(),
+        };
+        (Arc::new(handle), rx)
+    }
+
+    fn publish_gauges(&self, index: &RoomIndex<Subscriber>) {
+        self.metrics.rooms_active.set(index.rooms() as i64);
+        self.metrics.subscriptions_active.set(index.subscriptions() as i64);
+    }
+
+    /// Subscribes `session` to `room`; the returned id unsubscribes.
+    pub fn subscribe(&self, session: &Arc<SessionHandle>, room: &Room, request_id: &RequestId) -> SubscriptionId {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let subscriber = Subscriber {
+            session: session.clone(),
+            suffix: request_id.publish_suffix(),
+        };
+        let mut index = self.index();
+        index.insert(room, id, subscriber);
+        self.publish_gauges(&index);
+        id
+    }
+
+    /// Removes subscriptions (one lock for all of a closing session's).
+    pub fn unsubscribe<'a>(&self, subscriptions: impl IntoIterator<Item = (&'a Room, SubscriptionId)>) {
+        let mut index = self.index();
+        for (room, id) in subscriptions {
+            index.remove(room, id);
+        }
+        self.publish_gauges(&index);
+    }
+
+    /// Queues `trigger` to every matching subscription, once each.
+    pub fn fan_out(&self, trigger: &Trigger) -> FanOut {
+        let start = Instant::now();
+        let prefix = protocol::publish_prefix(trigger.data.get());
+        let mut out = FanOut::default();
+        // A subscription can match several of the trigger's rooms; it gets one copy.
+        let mut seen = (trigger.rooms.len() > 1).then(std::collections::HashSet::<SubscriptionId>::new);
+        let mut index = self.index();
+        for room in &trigger.rooms {
+            index.for_each_match(room, |id, subscriber| {
+                if let Some(seen) = &mut seen
+                    && !seen.insert(id)
+                {
+                    return;
+                }
+                let delivery = Delivery {
+                    prefix: prefix.clone(),
+                    suffix: subscriber.suffix.clone(),
+                };
+                match subscriber.session.queue.try_send(delivery) {
+                    Ok(()) => out.delivered += 1,
+                    Err(TrySendError::Full(_)) => {
+                        out.dropped += 1;
+                        subscriber.session.overflowed.cancel();
+                    }
+                    // The session is closing and will unsubscribe itself.
+                    Err(TrySendError::Closed(_)) => {}
+                }
+            });
+        }
+        drop(index);
+        self.metrics.messages_delivered.inc_by(out.delivered);
+        if out.dropped > 0 {
+            self.metrics
+                .messages_dropped
+                .get_or_create(&Reason { reason: "slow_consumer" })
+                .inc_by(out.dropped);
+        }
+        self.metrics.fanout_latency.observe(start.elapsed().as_secs_f64());
+        out
+    }
+
+    /// Counters for the client `status` frame.
+    pub fn status(&self) -> HubStatus {
+        let (rooms, subscriptions) = {
+            let index = self.index();
+            (index.rooms(), index.subscriptions())
+        };
+        let triggers_received = ["http", "amqp"]
+            .iter()
+            .map(|s| {
+                self.metrics
+                    .triggers
+                    .get_or_create(&crate::metrics::TriggerSource { source: s })
+                    .get()
+            })
+            .sum();
+        HubStatus {
+            open_connections: self.metrics.connections_open.get().max(0) as u64,
+            num_rooms: rooms as u64,
+            num_subscriptions: subscriptions as u64,
+            online_since: humantime::format_rfc3339_seconds(self.online_since).to_string(),
+            triggers_received,
+            messages_delivered: self.metrics.messages_delivered.get(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn room(v: serde_json::Value) -> Room {
+        Room::from_json(&v).expect("room")
+    }
+
+    fn rid(s: &str) -> RequestId {
+        RequestId::from_json(&json!(s)).expect("id")
+    }
+
+    fn frame(d: &Delivery) -> serde_json::Value {
+        serde_json::from_str(&d.text()).expect("json")
+    }
+
+    #[test]
+    fn one_copy_per_subscription_per_trigger() {
+        let hub = Hub::new(Arc::new(Metrics::new()));
+        let (session, mut rx) = hub.open_session(8);
+        hub.subscribe(&session, &room(json!({"u": "*"})), &rid("a"));
+        hub.subscribe(&session, &room(json!({"u": 1})), &rid("b"));
+        let t = Trigger::parse(br#"{"rooms":[{"u":1},{"u":2},{"u":"*"}],"data":7}"#).expect("trigger");
+        assert_eq!(hub.fan_out(&t), FanOut { delivered: 2, dropped: 0 });
+        let mut got: Vec<_> = std::iter::from_fn(|| rx.try_recv().ok()).map(|d| frame(&d)).collect();
+        got.sort_by_key(|v| v["requestId"].to_string());
+        assert_eq!(
+            got,
+            [
+                json!({"type": "publish", "data": 7, "requestId": "a"}),
+                json!({"type": "publish", "data": 7, "requestId": "b"})
+            ]
+        );
+    }
+
+    #[test]
+    fn full_queue_marks_the_slow_consumer_only() {
+        let hub = Hub::new(Arc::new(Metrics::new()));
+        let (slow, _slow_rx) = hub.open_session(1);
+        let (fast, mut fast_rx) = hub.open_session(8);
+        hub.subscribe(&slow, &room(json!({"r": 1})), &rid("s"));
+        hub.subscribe(&fast, &room(json!({"r": 1})), &rid("f"));
+        let t = Trigger::parse(br#"{"rooms":[{"r":1}]}"#).expect("trigger");
+        assert_eq!(hub.fan_out(&t), FanOut { delivered: 2, dropped: 0 });
+        assert!(!slow.overflowed.is_cancelled());
+        assert_eq!(hub.fan_out(&t), FanOut { delivered: 1, dropped: 1 });
+        assert!(slow.overflowed.is_cancelled());
+        assert!(!fast.overflowed.is_cancelled());
+        assert_eq!(std::iter::from_fn(|| fast_rx.try_recv().ok()).count(), 2);
+    }
+
+    #[test]
+    fn unsubscribe_stops_delivery_and_updates_gauges() {
+        let metrics = Arc::new(Metrics::new());
+        let hub = Hub::new(metrics.clone());
+        let (s, mut rx) = hub.open_session(8);
+        let r = room(json!({"r": 1}));
+        let id = hub.subscribe(&s, &r, &rid("x"));
+        assert_eq!(metrics.subscriptions_active.get(), 1);
+        hub.unsubscribe([(&r, id)]);
+        assert_eq!((metrics.subscriptions_active.get(), metrics.rooms_active.get()), (0, 0));
+        let t = Trigger::parse(br#"{"rooms":[{"r":1}]}"#).expect("trigger");
+        assert_eq!(hub.fan_out(&t).delivered, 0);
+        assert!(rx.try_recv().is_err());
+        assert_eq!(hub.status().num_rooms, 0);
+    }
+}

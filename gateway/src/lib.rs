@@ -1,0 +1,48 @@
+//! high-templar gateway: a websocket gateway that gives an existing
+//! HTTP-only API real-time push, drop-in compatible with high-templar 3.x.
+//!
+//! A browser opens a websocket; the gateway asks the backend who the user is
+//! and which rooms they may join (`bootstrap/`); the client subscribes to
+//! rooms; triggers published by the backend are fanned out to every
+//! matching subscription. The contract is `DESIGN.md` §2–§4 of the project.
+//!
+//! # Module map
+//!
+//! Pure logic (no I/O, unit-tested exhaustively):
+//! - [`room`]: canonical rooms, permission and delivery relations.
+//! - [`index`]: `RoomIndex`, the subscription index; a trigger costs
+//!   O(subscriptions reached).
+//! - [`protocol`]: client frames in, reply frames out.
+//! - [`trigger`]: trigger bodies (`{"rooms":[…],"data":…}`).
+//! - [`forwarding`]: which client request data goes to the backend.
+//! - [`config`]: the YAML configuration and its validation.
+//!
+//! State and I/O:
+//! - [`hub`]: `Hub`, the process's subscriptions and the fan-out to
+//!   per-session bounded queues.
+//! - [`backend`]: `BootstrapClient`, the call to the existing API.
+//! - [`session`]: one websocket connection, bootstrap to close.
+//! - [`broker`]: the `Broker` trait and its transports.
+//! - [`http`]: routes: `/ws/`, `/trigger`, `/healthz`, `/readyz`, `/metrics`.
+//! - [`gateway`]: `Gateway`, the state shared by all of the above.
+//! - [`server`]: `Server`, bind, serve, graceful shutdown.
+//! - [`metrics`]: Prometheus families.
+//! - [`cli`]: command-line flags and environment variables.
+
+#![forbid(unsafe_code)]
+
+pub mod backend;
+pub mod broker;
+pub mod cli;
+pub mod config;
+pub mod forwarding;
+pub mod gateway;
+pub mod http;
+pub mod hub;
+pub mod index;
+pub mod metrics;
+pub mod protocol;
+pub mod room;
+pub mod server;
+pub mod session;
+pub mod trigger;

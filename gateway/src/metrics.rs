@@ -1,0 +1,128 @@
+//! Prometheus metrics of the gateway (DESIGN.md §4), served at `/metrics`
+//! in the text exposition format. All names start with `hightemplar_`.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// A single `reason` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Reason {
+    /// Why (a short snake_case word).
+    pub reason: &'static str,
+}
+
+/// A single `source` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TriggerSource {
+    /// `http` or `amqp`.
+    pub source: &'static str,
+}
+
+/// A single `outcome` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Outcome {
+    /// Result of a backend bootstrap call.
+    pub outcome: &'static str,
+}
+
+/// Every metric of one gateway process.
+pub struct Metrics {
+    /// The registry the families below are registered in.
+    registry: Registry,
+    /// Websocket connections open now (authenticated or not yet).
+    pub connections_open: Gauge,
+    /// Websocket connections accepted since start.
+    pub connections: Counter,
+    /// Connections refused before the upgrade, by reason.
+    pub connections_refused: Family<Reason, Counter>,
+    /// Bootstrap outcomes (`authorized`, `denied`, `invalid_body`, `unavailable`).
+    pub auth: Family<Outcome, Counter>,
+    /// Subscriptions held now.
+    pub subscriptions_active: Gauge,
+    /// Distinct rooms with at least one subscription now.
+    pub rooms_active: Gauge,
+    /// Triggers received, by source.
+    pub triggers: Family<TriggerSource, Counter>,
+    /// Triggers refused, by reason.
+    pub triggers_rejected: Family<Reason, Counter>,
+    /// Publish frames queued to a connection.
+    pub messages_delivered: Counter,
+    /// Publish frames not delivered, by reason.
+    pub messages_dropped: Family<Reason, Counter>,
+    /// Connections closed by the gateway, by reason (`slow_consumer`, `idle`, …).
+    pub disconnects: Family<Reason, Counter>,
+    /// Duration of the backend bootstrap call, seconds.
+    pub backend_latency: Histogram,
+    /// Duration of one trigger's fan-out (index lookup and queueing), seconds.
+    pub fanout_latency: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// A registry with every family registered.
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("hightemplar");
+        let m = Metrics {
+            connections_open: Gauge::default(),
+            connections: Counter::default(),
+            connections_refused: Family::default(),
+            auth: Family::default(),
+            subscriptions_active: Gauge::default(),
+            rooms_active: Gauge::default(),
+            triggers: Family::default(),
+            triggers_rejected: Family::default(),
+            messages_delivered: Counter::default(),
+            messages_dropped: Family::default(),
+            disconnects: Family::default(),
+            // 1 ms .. ~16 s
+            backend_latency: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
+            // 10 µs .. ~0.3 s
+            fanout_latency: Histogram::new(exponential_buckets(0.00001, 2.0, 15)),
+            registry: Registry::default(),
+        };
+        let r = &mut registry;
+        r.register("connections_open", "Websocket connections open now", m.connections_open.clone());
+        r.register("connections", "Websocket connections accepted", m.connections.clone());
+        r.register(
+            "connections_refused",
+            "Upgrade requests refused before the websocket opened",
+            m.connections_refused.clone(),
+        );
+        r.register("auth", "Backend bootstrap outcomes", m.auth.clone());
+        r.register("subscriptions_active", "Subscriptions held now", m.subscriptions_active.clone());
+        r.register("rooms_active", "Distinct subscribed rooms now", m.rooms_active.clone());
+        r.register("triggers", "Triggers received", m.triggers.clone());
+        r.register("triggers_rejected", "Triggers refused as malformed or unauthorised", m.triggers_rejected.clone());
+        r.register("messages_delivered", "Publish frames queued to clients", m.messages_delivered.clone());
+        r.register("messages_dropped", "Publish frames not delivered", m.messages_dropped.clone());
+        r.register("disconnects", "Connections closed by the gateway", m.disconnects.clone());
+        r.register(
+            "backend_request_duration_seconds",
+            "Duration of the bootstrap call to the backend",
+            m.backend_latency.clone(),
+        );
+        r.register(
+            "fanout_duration_seconds",
+            "Duration of one trigger's fan-out to the connection queues",
+            m.fanout_latency.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// The text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}

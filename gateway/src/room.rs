@@ -1,0 +1,259 @@
+//! Rooms: canonical key/value dicts, and the two relations between them
+//! (permission and delivery) from DESIGN.md §2.
+//!
+//! A room is a JSON object whose values are scalars. Two rooms are the same
+//! room when they have the same keys with the same values, whatever the key
+//! order. Values compare as JSON values: `"1"` and `1` differ, and so do `1`
+//! and `1.0`. The string `"*"` is the wildcard.
+
+use std::fmt;
+use std::sync::Arc;
+
+use serde_json::{Map, Number, Value};
+
+/// Most keys a room may have. Wildcard positions are tracked in a `u32`
+/// bit mask by the index, and real rooms have a handful of keys.
+pub const MAX_ROOM_KEYS: usize = 32;
+
+/// Longest key or string value accepted in a room, in bytes.
+pub const MAX_ROOM_TEXT: usize = 1024;
+
+/// One value of a room.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Scalar {
+    /// JSON `null`.
+    Null,
+    /// JSON `true` / `false`.
+    Bool(bool),
+    /// A JSON number, compared by its JSON form (so `1` is not `1.0`).
+    Number(Number),
+    /// A JSON string; `"*"` is the wildcard.
+    Str(Arc<str>),
+}
+
+impl Scalar {
+    /// Whether this value is the wildcard `"*"`.
+    pub fn is_wildcard(&self) -> bool {
+        matches!(self, Scalar::Str(s) if &**s == "*")
+    }
+
+    fn to_json(&self) -> Value {
+        match self {
+            Scalar::Null => Value::Null,
+            Scalar::Bool(b) => Value::Bool(*b),
+            Scalar::Number(n) => Value::Number(n.clone()),
+            Scalar::Str(s) => Value::String(s.to_string()),
+        }
+    }
+}
+
+/// Why a JSON value is not a room.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidRoom {
+    /// The value is not a JSON object.
+    #[error("a room must be a JSON object")]
+    NotAnObject,
+    /// One value is an object or an array.
+    #[error("room key {0:?} has a value that is not a string, number, boolean or null")]
+    NotScalar(String),
+    /// More than [`MAX_ROOM_KEYS`] keys.
+    #[error("a room has at most {MAX_ROOM_KEYS} keys")]
+    TooManyKeys,
+    /// A key or value longer than [`MAX_ROOM_TEXT`].
+    #[error("room keys and string values are at most {MAX_ROOM_TEXT} bytes")]
+    TooLong,
+}
+
+/// A room in canonical form: entries sorted by key, keys unique.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Room {
+    /// `(key, value)` pairs sorted by key.
+    entries: Box<[(Arc<str>, Scalar)]>,
+}
+
+impl Room {
+    /// Parses a JSON value into a canonical room.
+    pub fn from_json(value: &Value) -> Result<Room, InvalidRoom> {
+        let Value::Object(map) = value else {
+            return Err(InvalidRoom::NotAnObject);
+        };
+        Room::from_map(map)
+    }
+
+    /// Parses a JSON object into a canonical room.
+    pub fn from_map(map: &Map<String, Value>) -> Result<Room, InvalidRoom> {
+        if map.len() > MAX_ROOM_KEYS {
+            return Err(InvalidRoom::TooManyKeys);
+        }
+        let mut entries: Vec<(Arc<str>, Scalar)> = Vec::with_capacity(map.len());
+        for (key, value) in map {
+            if key.len() > MAX_ROOM_TEXT {
+                return Err(InvalidRoom::TooLong);
+            }
+            let scalar = match value {
+                Value::Null => Scalar::Null,
+                Value::Bool(b) => Scalar::Bool(*b),
+                Value::Number(n) => Scalar::Number(n.clone()),
+                Value::String(s) if s.len() > MAX_ROOM_TEXT => return Err(InvalidRoom::TooLong),
+                Value::String(s) => Scalar::Str(Arc::from(s.as_str())),
+                Value::Array(_) | Value::Object(_) => return Err(InvalidRoom::NotScalar(key.clone())),
+            };
+            entries.push((Arc::from(key.as_str()), scalar));
+        }
+        // A JSON object has unique keys, so sorting gives the canonical order.
+        entries.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(Room {
+            entries: entries.into_boxed_slice(),
+        })
+    }
+
+    /// Builds a room from `(key, value)` pairs; a later duplicate key wins.
+    pub fn from_pairs<K: Into<Arc<str>>>(pairs: impl IntoIterator<Item = (K, Scalar)>) -> Room {
+        let mut entries: Vec<(Arc<str>, Scalar)> = pairs.into_iter().map(|(k, v)| (k.into(), v)).collect();
+        entries.reverse();
+        entries.sort_by(|a, b| a.0.cmp(&b.0));
+        entries.dedup_by(|a, b| a.0 == b.0);
+        Room {
+            entries: entries.into_boxed_slice(),
+        }
+    }
+
+    /// The sorted `(key, value)` pairs.
+    pub fn entries(&self) -> &[(Arc<str>, Scalar)] {
+        &self.entries
+    }
+
+    /// Number of keys.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether the room has no keys at all (`{}`).
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Whether both rooms have exactly the same key set.
+    pub fn same_keys(&self, other: &Room) -> bool {
+        self.entries.len() == other.entries.len()
+            && self.entries.iter().zip(other.entries.iter()).all(|(a, b)| a.0 == b.0)
+    }
+
+    /// Permission: may a user allowed `self` subscribe to `requested`?
+    /// Same key set, and for every key `self[k] == "*"` or `self[k] == requested[k]`.
+    pub fn permits(&self, requested: &Room) -> bool {
+        self.same_keys(requested)
+            && self
+                .entries
+                .iter()
+                .zip(requested.entries.iter())
+                .all(|(a, r)| a.1.is_wildcard() || a.1 == r.1)
+    }
+
+    /// Delivery: does a trigger to `self` reach a subscription to `subscribed`?
+    /// Same key set, and for every key the values are equal or either is `"*"`.
+    pub fn delivers_to(&self, subscribed: &Room) -> bool {
+        self.same_keys(subscribed)
+            && self
+                .entries
+                .iter()
+                .zip(subscribed.entries.iter())
+                .all(|(p, s)| p.1 == s.1 || p.1.is_wildcard() || s.1.is_wildcard())
+    }
+
+    /// The room as a JSON object (keys in canonical order).
+    pub fn to_json(&self) -> Value {
+        Value::Object(
+            self.entries
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_json()))
+                .collect(),
+        )
+    }
+}
+
+impl fmt::Debug for Room {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.to_json())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn room(v: Value) -> Room {
+        Room::from_json(&v).expect("valid room")
+    }
+
+    #[test]
+    fn key_order_is_irrelevant() {
+        assert_eq!(room(json!({"a": 1, "b": "x"})), room(json!({"b": "x", "a": 1})));
+    }
+
+    #[test]
+    fn string_and_number_differ() {
+        assert_ne!(room(json!({"a": 1})), room(json!({"a": "1"})));
+        assert_ne!(room(json!({"a": 1})), room(json!({"a": 1.0})));
+        assert_ne!(room(json!({"a": true})), room(json!({"a": 1})));
+        assert_ne!(room(json!({"a": null})), room(json!({"a": "null"})));
+    }
+
+    #[test]
+    fn rejects_non_rooms() {
+        assert_eq!(Room::from_json(&json!([1])), Err(InvalidRoom::NotAnObject));
+        assert_eq!(Room::from_json(&json!("a")), Err(InvalidRoom::NotAnObject));
+        assert_eq!(
+            Room::from_json(&json!({"a": {"b": 1}})),
+            Err(InvalidRoom::NotScalar("a".into()))
+        );
+        assert_eq!(
+            Room::from_json(&json!({"a": [1]})),
+            Err(InvalidRoom::NotScalar("a".into()))
+        );
+        let many: Map<String, Value> = (0..=MAX_ROOM_KEYS).map(|i| (format!("k{i}"), json!(i))).collect();
+        assert_eq!(Room::from_map(&many), Err(InvalidRoom::TooManyKeys));
+        let long = "x".repeat(MAX_ROOM_TEXT + 1);
+        assert_eq!(Room::from_json(&json!({"a": long})), Err(InvalidRoom::TooLong));
+    }
+
+    #[test]
+    fn permission_wildcard_only_on_the_allowed_side() {
+        let allowed = room(json!({"user": "*", "target": "message"}));
+        assert!(allowed.permits(&room(json!({"user": 5, "target": "message"}))));
+        assert!(allowed.permits(&room(json!({"user": "*", "target": "message"}))));
+        assert!(!allowed.permits(&room(json!({"user": 5, "target": "other"}))));
+        assert!(!allowed.permits(&room(json!({"user": 5}))));
+        assert!(!allowed.permits(&room(json!({"user": 5, "target": "message", "x": 1}))));
+        let exact = room(json!({"user": 5}));
+        assert!(exact.permits(&room(json!({"user": 5}))));
+        assert!(!exact.permits(&room(json!({"user": "*"}))), "a subscriber cannot widen a concrete permission");
+        assert!(!exact.permits(&room(json!({"user": "5"}))));
+    }
+
+    #[test]
+    fn delivery_wildcard_on_either_side() {
+        let sub = room(json!({"customer": 1, "warehouse": "*"}));
+        assert!(room(json!({"customer": 1, "warehouse": 7})).delivers_to(&sub));
+        assert!(room(json!({"customer": "*", "warehouse": 7})).delivers_to(&sub));
+        assert!(!room(json!({"customer": 2, "warehouse": 7})).delivers_to(&sub));
+        assert!(!room(json!({"customer": 1})).delivers_to(&sub));
+        let concrete = room(json!({"customer": 1, "warehouse": 3}));
+        assert!(room(json!({"customer": 1, "warehouse": "*"})).delivers_to(&concrete));
+        assert!(!room(json!({"customer": 1, "warehouse": 4})).delivers_to(&concrete));
+        assert!(room(json!({})).delivers_to(&room(json!({}))));
+    }
+
+    #[test]
+    fn from_pairs_canonicalises() {
+        let r = Room::from_pairs([("b", Scalar::Bool(true)), ("a", Scalar::Null), ("b", Scalar::Bool(false))]);
+        assert_eq!(r, room(json!({"a": null, "b": false})));
+    }
+
+    #[test]
+    fn round_trips_to_json() {
+        let v = json!({"a": 1, "b": "*", "c": null, "d": false, "e": 1.5});
+        assert_eq!(room(v.clone()).to_json(), v);
+    }
+}

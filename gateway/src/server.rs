@@ -1,0 +1,141 @@
+//! `Server`: builds a [`Gateway`] from a configuration, binds the listener,
+//! serves until told to stop, then shuts down gracefully (DESIGN.md §4):
+//! readiness 503 at once, a drain delay, websockets closed with 1001 spread
+//! over the close window, exit.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::backend::{BackendSetupError, BootstrapClient};
+use crate::broker::{Broker, MemoryBroker};
+use crate::config::{BrokerKind, Config, ConfigError, seconds};
+use crate::forwarding::ForwardingTable;
+use crate::gateway::Gateway;
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+
+/// Why the server cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The backend client cannot be built.
+    #[error(transparent)]
+    Backend(#[from] BackendSetupError),
+    /// The listen address cannot be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// A bound, not yet serving, gateway.
+pub struct Server {
+    /// The bound listener.
+    listener: TcpListener,
+    /// Shared state.
+    gateway: Arc<Gateway>,
+}
+
+impl Server {
+    /// Validates `config`, builds the gateway and binds its listener.
+    pub async fn bind(config: Config) -> Result<Server, StartError> {
+        config.validate()?;
+        let metrics = Arc::new(Metrics::new());
+        let hub = Arc::new(Hub::new(metrics.clone()));
+        let broker: Arc<dyn Broker> = match config.broker.kind {
+            BrokerKind::Memory => Arc::new(MemoryBroker::new(hub.clone())),
+        };
+        let backend = BootstrapClient::new(&config.backend, metrics.clone())?;
+        let forwarding = ForwardingTable::new(&config.backend.forward).map_err(|e| ConfigError::Invalid {
+            field: "backend.forward",
+            message: e.to_string(),
+        })?;
+        let addr = config.listen.0;
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartError::Bind { addr, source })?;
+        let gateway = Arc::new(Gateway {
+            config,
+            hub,
+            broker,
+            backend,
+            forwarding,
+            metrics,
+            draining: Default::default(),
+            close_sessions: CancellationToken::new(),
+            sessions: TaskTracker::new(),
+        });
+        Ok(Server { listener, gateway })
+    }
+
+    /// The bound address (useful with port 0).
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// The shared state (tests read metrics through it).
+    pub fn gateway(&self) -> Arc<Gateway> {
+        self.gateway.clone()
+    }
+
+    /// Serves until `shutdown` resolves, then shuts down gracefully.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+        let Server { listener, gateway } = self;
+        let addr = listener.local_addr()?;
+        info!(
+            %addr,
+            broker = gateway.broker.name(),
+            backend = %gateway.backend.url(),
+            "high-templar gateway listening"
+        );
+        let stop_accepting = CancellationToken::new();
+        let shutdown_sequence = {
+            let gateway = gateway.clone();
+            let stop_accepting = stop_accepting.clone();
+            async move {
+                shutdown.await;
+                let shutdown = &gateway.config.shutdown;
+                info!(
+                    drain_delay_s = shutdown.drain_delay_seconds,
+                    close_window_s = shutdown.close_window_seconds,
+                    "shutting down: readiness is now 503"
+                );
+                gateway.draining.store(true, Ordering::Relaxed);
+                tokio::time::sleep(seconds(shutdown.drain_delay_seconds)).await;
+                gateway.close_sessions.cancel();
+                stop_accepting.cancel();
+            }
+        };
+        tokio::spawn(shutdown_sequence);
+        let app = crate::http::router(gateway.clone()).into_make_service_with_connect_info::<SocketAddr>();
+        let stopped = stop_accepting.clone();
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move { stopped.cancelled().await })
+            .await?;
+        // Sessions close at random moments within the window; give them a
+        // little more to send their close frames, then leave anyway.
+        gateway.sessions.close();
+        let window = seconds(gateway.config.shutdown.close_window_seconds);
+        if tokio::time::timeout(window + Duration::from_secs(3), gateway.sessions.wait())
+            .await
+            .is_err()
+        {
+            warn!(left = gateway.sessions.len(), "sessions still open at the end of the close window");
+        }
+        info!("gateway stopped");
+        Ok(())
+    }
+}
