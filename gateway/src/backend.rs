@@ -192,10 +192,7 @@ mod tests {
     #[test]
     fn url_joins_relative_to_the_base() {
         let m = std::sync::Arc::new(Metrics::new());
-        let mut c = BackendConfig {
-            url: Some("http://api:8000/api/".into()),
-            ..BackendConfig::default()
-        };
+        let mut c = BackendConfig { url: Some("http://api:8000/api/".into()), ..BackendConfig::default() };
         assert_eq!(BootstrapClient::new(&c, m.clone()).expect("ok").url().as_str(), "http://api:8000/api/bootstrap/");
         c.url = Some("http://api:8000/api".into());
         assert_eq!(BootstrapClient::new(&c, m).expect("ok").url().as_str(), "http://api:8000/api/bootstrap/");

@@ -10,7 +10,11 @@ use crate::config::{BrokerKind, Config, ConfigError, Listen, Secret};
 
 /// The gateway binary's arguments.
 #[derive(Debug, Parser)]
-#[command(name = "high-templar-gateway", version, about = "Websocket gateway for an existing HTTP API (high-templar 3.x compatible)")]
+#[command(
+    name = "high-templar-gateway",
+    version,
+    about = "Websocket gateway for an existing HTTP API (high-templar 3.x compatible)"
+)]
 pub struct Cli {
     /// What to do.
     #[command(subcommand)]

@@ -115,10 +115,7 @@ pub struct TriggerConfig {
 
 impl Default for TriggerConfig {
     fn default() -> Self {
-        TriggerConfig {
-            token: None,
-            max_body_bytes: 1 << 20,
-        }
+        TriggerConfig { token: None, max_body_bytes: 1 << 20 }
     }
 }
 
@@ -168,10 +165,7 @@ pub struct ShutdownConfig {
 
 impl Default for ShutdownConfig {
     fn default() -> Self {
-        ShutdownConfig {
-            drain_delay_seconds: 5.0,
-            close_window_seconds: 10.0,
-        }
+        ShutdownConfig { drain_delay_seconds: 5.0, close_window_seconds: 10.0 }
     }
 }
 
@@ -223,10 +217,8 @@ pub enum ConfigError {
 impl Config {
     /// Reads a YAML config file.
     pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
         Config::from_yaml(&text).map_err(|(field, message)| ConfigError::Parse {
             path: path.to_owned(),
             field,
@@ -249,10 +241,7 @@ impl Config {
 
     /// Checks values that types alone do not: required fields, ranges.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |field, message: &str| ConfigError::Invalid {
-            field,
-            message: message.to_string(),
-        };
+        let invalid = |field, message: &str| ConfigError::Invalid { field, message: message.to_string() };
         match &self.backend.url {
             None => {
                 return Err(invalid(
@@ -261,18 +250,15 @@ impl Config {
                 ));
             }
             Some(url) => {
-                let parsed = reqwest::Url::parse(url)
-                    .map_err(|e| invalid("backend.url", &format!("not a URL: {e}")))?;
+                let parsed =
+                    reqwest::Url::parse(url).map_err(|e| invalid("backend.url", &format!("not a URL: {e}")))?;
                 if parsed.scheme() != "http" {
                     return Err(invalid("backend.url", "only http:// backends are supported"));
                 }
             }
         }
         if self.backend.bootstrap_path.starts_with('/') {
-            return Err(invalid(
-                "backend.bootstrapPath",
-                "must be relative to backend.url (no leading '/')",
-            ));
+            return Err(invalid("backend.bootstrapPath", "must be relative to backend.url (no leading '/')"));
         }
         let positive = |field, v: f64| {
             if v.is_finite() && v > 0.0 && v < 1e9 {
@@ -294,11 +280,7 @@ impl Config {
         non_negative("shutdown.drainDelaySeconds", self.shutdown.drain_delay_seconds)?;
         non_negative("shutdown.closeWindowSeconds", self.shutdown.close_window_seconds)?;
         let at_least_one = |field, v: usize| {
-            if v >= 1 {
-                Ok(())
-            } else {
-                Err(invalid(field, "must be at least 1"))
-            }
+            if v >= 1 { Ok(()) } else { Err(invalid(field, "must be at least 1")) }
         };
         at_least_one("limits.maxConnections", self.limits.max_connections)?;
         at_least_one("limits.maxSubscriptionsPerConnection", self.limits.max_subscriptions_per_connection)?;

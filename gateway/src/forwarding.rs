@@ -100,11 +100,7 @@ pub fn default_rules() -> Vec<ForwardRule> {
     vec![
         rule("Cookie", Sources::One(Source::Header("Cookie".into())), None),
         rule("User-Agent", Sources::One(Source::Header("User-Agent".into())), None),
-        rule(
-            "X-Real-IP",
-            Sources::Many(vec![Source::Header("X-Real-IP".into()), Source::PeerAddress]),
-            None,
-        ),
+        rule("X-Real-IP", Sources::Many(vec![Source::Header("X-Real-IP".into()), Source::PeerAddress]), None),
         rule("X-CSRFToken", Sources::One(Source::Cookie("csrftoken".into())), None),
         rule("Authorization", Sources::One(Source::Query("token".into())), Some("Token {}")),
     ]
@@ -116,18 +112,15 @@ pub fn validate_rule(rule: &ForwardRule) -> Result<(), InvalidRule> {
 }
 
 fn compile(rule: &ForwardRule) -> Result<CompiledRule, InvalidRule> {
-    let header = HeaderName::try_from(rule.header.as_str()).map_err(|_| InvalidRule::HeaderName(rule.header.clone()))?;
+    let header =
+        HeaderName::try_from(rule.header.as_str()).map_err(|_| InvalidRule::HeaderName(rule.header.clone()))?;
     if header == header::HOST {
         return Err(InvalidRule::Host);
     }
     if rule.from.iter().next().is_none() {
         return Err(InvalidRule::NoSource);
     }
-    Ok(CompiledRule {
-        header,
-        from: rule.from.clone(),
-        format: rule.format.clone(),
-    })
+    Ok(CompiledRule { header, from: rule.from.clone(), format: rule.format.clone() })
 }
 
 /// What the gateway knows of a client's upgrade request.
@@ -152,9 +145,7 @@ fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 }
 
 fn query(query: Option<&str>, name: &str) -> Option<String> {
-    form_urlencoded::parse(query?.as_bytes())
-        .find(|(k, _)| k == name)
-        .map(|(_, v)| v.into_owned())
+    form_urlencoded::parse(query?.as_bytes()).find(|(k, _)| k == name).map(|(_, v)| v.into_owned())
 }
 
 impl ForwardingTable {
@@ -178,12 +169,8 @@ impl ForwardingTable {
             let value = rule.from.iter().find_map(|source| match source {
                 Source::Header(name) => {
                     // Several `Cookie` headers (HTTP/2 style) are joined as one.
-                    let values: Vec<&str> = request
-                        .headers
-                        .get_all(name.as_str())
-                        .iter()
-                        .filter_map(|v| v.to_str().ok())
-                        .collect();
+                    let values: Vec<&str> =
+                        request.headers.get_all(name.as_str()).iter().filter_map(|v| v.to_str().ok()).collect();
                     (!values.is_empty()).then(|| values.join("; "))
                 }
                 Source::Cookie(name) => cookie(request.headers, name).map(str::to_owned),
@@ -218,11 +205,7 @@ mod tests {
     }
 
     fn run(table: &ForwardingTable, h: &HeaderMap, q: Option<&str>) -> Vec<(String, String)> {
-        let req = ClientRequest {
-            headers: h,
-            query: q,
-            peer: IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3)),
-        };
+        let req = ClientRequest { headers: h, query: q, peer: IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3)) };
         table
             .backend_headers(&req)
             .into_iter()
@@ -289,15 +272,8 @@ mod tests {
 
     #[test]
     fn invalid_rules() {
-        let rule = |h: &str, from: Sources| ForwardRule {
-            header: h.into(),
-            from,
-            format: None,
-        };
-        assert_eq!(
-            validate_rule(&rule("Host", Sources::One(Source::Value("x".into())))),
-            Err(InvalidRule::Host)
-        );
+        let rule = |h: &str, from: Sources| ForwardRule { header: h.into(), from, format: None };
+        assert_eq!(validate_rule(&rule("Host", Sources::One(Source::Value("x".into())))), Err(InvalidRule::Host));
         assert_eq!(
             validate_rule(&rule("bad header", Sources::One(Source::Value("x".into())))),
             Err(InvalidRule::HeaderName("bad header".into()))
@@ -312,9 +288,6 @@ mod tests {
         )
         .expect("yaml");
         assert_eq!(rules[0].from, Sources::One(Source::Header("X-Tenant".into())));
-        assert_eq!(
-            rules[1].from,
-            Sources::Many(vec![Source::Header("X-Forwarded-For".into()), Source::PeerAddress])
-        );
+        assert_eq!(rules[1].from, Sources::Many(vec![Source::Header("X-Forwarded-For".into()), Source::PeerAddress]));
     }
 }

@@ -49,10 +49,7 @@ async fn readyz(State(gateway): State<Arc<Gateway>>) -> Response {
 }
 
 async fn metrics(State(gateway): State<Arc<Gateway>>) -> Response {
-    (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
-        gateway.metrics.encode(),
-    )
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], gateway.metrics.encode())
         .into_response()
 }
 
@@ -74,11 +71,8 @@ async fn websocket(
         return refuse("max_connections", "too many connections\n");
     }
     // Only what the forwarding rules pick is kept for the session.
-    let backend_headers = gateway.forwarding.backend_headers(&ClientRequest {
-        headers: &headers,
-        query: uri.query(),
-        peer: peer.ip(),
-    });
+    let backend_headers =
+        gateway.forwarding.backend_headers(&ClientRequest { headers: &headers, query: uri.query(), peer: peer.ip() });
     let max = gateway.config.limits.max_message_bytes;
     let tracker = gateway.sessions.clone();
     upgrade
@@ -90,10 +84,8 @@ async fn websocket(
 
 /// `Authorization: Bearer <token>` compared in constant time.
 fn bearer_matches(headers: &HeaderMap, token: &str) -> bool {
-    let Some(given) = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+    let Some(given) =
+        headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "))
     else {
         return false;
     };
@@ -110,17 +102,14 @@ async fn trigger(State(gateway): State<Arc<Gateway>>, headers: HeaderMap, body: 
     if !bearer_matches(&headers, &token.0) {
         reject("unauthorized");
         let mut response = json_error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
-        response
-            .headers_mut()
-            .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+        response.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
         return response;
     }
     let limit = gateway.config.trigger.max_body_bytes;
     let bytes = match axum::body::to_bytes(body, limit).await {
         Ok(bytes) => bytes,
         Err(e) => {
-            let too_big = std::error::Error::source(&e)
-                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+            let too_big = std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
             if too_big {
                 reject("too_large");
                 return json_error(StatusCode::PAYLOAD_TOO_LARGE, format!("trigger body is larger than {limit} bytes"));

@@ -108,10 +108,7 @@ impl Hub {
     /// A new session's handle and the receiving end of its queue.
     pub fn open_session(&self, queue: usize) -> (Arc<SessionHandle>, mpsc::Receiver<Delivery>) {
         let (tx, rx) = mpsc::channel(queue);
-        let handle = SessionHandle {
-            queue: tx,
-            overflowed: CancellationToken::new(),
-        };
+        let handle = SessionHandle { queue: tx, overflowed: CancellationToken::new() };
         (Arc::new(handle), rx)
     }
 
@@ -123,10 +120,7 @@ impl Hub {
     /// Subscribes `session` to `room`; the returned id unsubscribes.
     pub fn subscribe(&self, session: &Arc<SessionHandle>, room: &Room, request_id: &RequestId) -> SubscriptionId {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let subscriber = Subscriber {
-            session: session.clone(),
-            suffix: request_id.publish_suffix(),
-        };
+        let subscriber = Subscriber { session: session.clone(), suffix: request_id.publish_suffix() };
         let mut index = self.index();
         index.insert(room, id, subscriber);
         self.publish_gauges(&index);
@@ -157,10 +151,7 @@ impl Hub {
                 {
                     return;
                 }
-                let delivery = Delivery {
-                    prefix: prefix.clone(),
-                    suffix: subscriber.suffix.clone(),
-                };
+                let delivery = Delivery { prefix: prefix.clone(), suffix: subscriber.suffix.clone() };
                 match subscriber.session.queue.try_send(delivery) {
                     Ok(()) => out.delivered += 1,
                     Err(TrySendError::Full(_)) => {
@@ -175,10 +166,7 @@ impl Hub {
         drop(index);
         self.metrics.messages_delivered.inc_by(out.delivered);
         if out.dropped > 0 {
-            self.metrics
-                .messages_dropped
-                .get_or_create(&Reason { reason: "slow_consumer" })
-                .inc_by(out.dropped);
+            self.metrics.messages_dropped.get_or_create(&Reason { reason: "slow_consumer" }).inc_by(out.dropped);
         }
         self.metrics.fanout_latency.observe(start.elapsed().as_secs_f64());
         out
@@ -192,12 +180,7 @@ impl Hub {
         };
         let triggers_received = ["http", "amqp"]
             .iter()
-            .map(|s| {
-                self.metrics
-                    .triggers
-                    .get_or_create(&crate::metrics::TriggerSource { source: s })
-                    .get()
-            })
+            .map(|s| self.metrics.triggers.get_or_create(&crate::metrics::TriggerSource { source: s }).get())
             .sum();
         HubStatus {
             open_connections: self.metrics.connections_open.get().max(0) as u64,

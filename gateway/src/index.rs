@@ -60,11 +60,7 @@ struct MaskIndex<T> {
 
 impl<T> Default for RoomIndex<T> {
     fn default() -> Self {
-        RoomIndex {
-            shapes: FastMap::default(),
-            rooms: 0,
-            subscriptions: 0,
-        }
+        RoomIndex { shapes: FastMap::default(), rooms: 0, subscriptions: 0 }
     }
 }
 
@@ -87,12 +83,7 @@ fn shape_of(room: &Room) -> (Box<[Arc<str>]>, Positions) {
 
 /// The room's values at `positions`, in key order.
 fn values_at(room: &Room, positions: Positions) -> Values {
-    room.entries()
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| positions & (1 << i) != 0)
-        .map(|(_, (_, v))| v.clone())
-        .collect()
+    room.entries().iter().enumerate().filter(|(i, _)| positions & (1 << i) != 0).map(|(_, (_, v))| v.clone()).collect()
 }
 
 /// Narrows a bucket key (values at `concrete`) to the values at `subset`.
@@ -111,11 +102,7 @@ fn project(key: &[Scalar], concrete: Positions, subset: Positions) -> Values {
 }
 
 fn all_positions(len: usize) -> Positions {
-    if len >= Positions::BITS as usize {
-        Positions::MAX
-    } else {
-        (1 << len) - 1
-    }
+    if len >= Positions::BITS as usize { Positions::MAX } else { (1 << len) - 1 }
 }
 
 impl<T> RoomIndex<T> {
@@ -140,17 +127,13 @@ impl<T> RoomIndex<T> {
         let concrete = all_positions(room.len()) & !mask;
         let key = values_at(room, concrete);
         let masks = &mut self.shapes.entry(keys).or_insert_with(|| ShapeIndex { masks: FastMap::default() }).masks;
-        let index = masks.entry(mask).or_insert_with(|| MaskIndex {
-            buckets: FastMap::default(),
-            projections: FastMap::default(),
-        });
+        let index = masks
+            .entry(mask)
+            .or_insert_with(|| MaskIndex { buckets: FastMap::default(), projections: FastMap::default() });
         if !index.buckets.contains_key(&key) {
             self.rooms += 1;
             for (subset, projection) in index.projections.iter_mut() {
-                projection
-                    .entry(project(&key, concrete, *subset))
-                    .or_default()
-                    .insert(key.clone());
+                projection.entry(project(&key, concrete, *subset)).or_default().insert(key.clone());
             }
         }
         if index.buckets.entry(key).or_default().insert(id, value).is_none() {
@@ -223,10 +206,7 @@ impl<T> RoomIndex<T> {
                 let projection = projections.entry(constrained).or_insert_with(|| {
                     let mut projection: FastMap<Values, FastSet<Values>> = FastMap::default();
                     for key in buckets.keys() {
-                        projection
-                            .entry(project(key, concrete, constrained))
-                            .or_default()
-                            .insert(key.clone());
+                        projection.entry(project(key, concrete, constrained)).or_default().insert(key.clone());
                     }
                     projection
                 });
@@ -344,7 +324,7 @@ mod tests {
 
     fn arb_room() -> impl Strategy<Value = Room> {
         proptest::collection::btree_map(prop_oneof![Just("a"), Just("b"), Just("c")], scalar(), 0..=3)
-            .prop_map(|m| Room::from_pairs(m.into_iter()))
+            .prop_map(Room::from_pairs)
     }
 
     proptest! {

@@ -231,21 +231,13 @@ mod tests {
         assert_eq!(parse_client_frame("ping"), Ok(ClientFrame::Ping));
         assert_eq!(
             parse_client_frame(r#"{"type":"subscribe","room":{"a":1},"requestId":"x"}"#),
-            Ok(ClientFrame::Subscribe {
-                room: Room::from_json(&json!({"a": 1})),
-                request_id: Some(rid(json!("x")))
-            })
+            Ok(ClientFrame::Subscribe { room: Room::from_json(&json!({"a": 1})), request_id: Some(rid(json!("x"))) })
         );
         assert_eq!(
             parse_client_frame(r#"{"type":"unsubscribe","requestId":3}"#),
-            Ok(ClientFrame::Unsubscribe {
-                request_id: Some(rid(json!(3)))
-            })
+            Ok(ClientFrame::Unsubscribe { request_id: Some(rid(json!(3))) })
         );
-        assert_eq!(
-            parse_client_frame(r#"{"type":"status"}"#),
-            Ok(ClientFrame::Status { request_id: None })
-        );
+        assert_eq!(parse_client_frame(r#"{"type":"status"}"#), Ok(ClientFrame::Status { request_id: None }));
     }
 
     #[test]
@@ -267,7 +259,8 @@ mod tests {
         };
         assert_eq!(room, Err(InvalidRoom::NotAnObject));
         assert_eq!(request_id, None);
-        let Ok(ClientFrame::Subscribe { room, .. }) = parse_client_frame(r#"{"type":"subscribe","requestId":1}"#) else {
+        let Ok(ClientFrame::Subscribe { room, .. }) = parse_client_frame(r#"{"type":"subscribe","requestId":1}"#)
+        else {
             panic!("a subscribe frame")
         };
         assert_eq!(room, Err(InvalidRoom::NotAnObject));
@@ -295,7 +288,8 @@ mod tests {
 
     #[test]
     fn auth_frames() {
-        let v: Value = serde_json::from_str(&authorized(&[Room::from_json(&json!({"u": "*"})).expect("room")])).expect("json");
+        let v: Value =
+            serde_json::from_str(&authorized(&[Room::from_json(&json!({"u": "*"})).expect("room")])).expect("json");
         assert_eq!(v, json!({"is_authorized": true, "is_authenticated": true, "allowed_rooms": [{"u": "*"}]}));
         let v: Value = serde_json::from_str(UNAUTHORIZED).expect("json");
         assert_eq!(v, json!({"is_authorized": false, "is_authenticated": false}));

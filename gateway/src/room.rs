@@ -102,9 +102,7 @@ impl Room {
         }
         // A JSON object has unique keys, so sorting gives the canonical order.
         entries.sort_by(|a, b| a.0.cmp(&b.0));
-        Ok(Room {
-            entries: entries.into_boxed_slice(),
-        })
+        Ok(Room { entries: entries.into_boxed_slice() })
     }
 
     /// Builds a room from `(key, value)` pairs; a later duplicate key wins.
@@ -113,9 +111,7 @@ impl Room {
         entries.reverse();
         entries.sort_by(|a, b| a.0.cmp(&b.0));
         entries.dedup_by(|a, b| a.0 == b.0);
-        Room {
-            entries: entries.into_boxed_slice(),
-        }
+        Room { entries: entries.into_boxed_slice() }
     }
 
     /// The sorted `(key, value)` pairs.
@@ -143,11 +139,7 @@ impl Room {
     /// Same key set, and for every key `self[k] == "*"` or `self[k] == requested[k]`.
     pub fn permits(&self, requested: &Room) -> bool {
         self.same_keys(requested)
-            && self
-                .entries
-                .iter()
-                .zip(requested.entries.iter())
-                .all(|(a, r)| a.1.is_wildcard() || a.1 == r.1)
+            && self.entries.iter().zip(requested.entries.iter()).all(|(a, r)| a.1.is_wildcard() || a.1 == r.1)
     }
 
     /// Delivery: does a trigger to `self` reach a subscription to `subscribed`?
@@ -163,12 +155,7 @@ impl Room {
 
     /// The room as a JSON object (keys in canonical order).
     pub fn to_json(&self) -> Value {
-        Value::Object(
-            self.entries
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_json()))
-                .collect(),
-        )
+        Value::Object(self.entries.iter().map(|(k, v)| (k.to_string(), v.to_json())).collect())
     }
 }
 
@@ -204,14 +191,8 @@ mod tests {
     fn rejects_non_rooms() {
         assert_eq!(Room::from_json(&json!([1])), Err(InvalidRoom::NotAnObject));
         assert_eq!(Room::from_json(&json!("a")), Err(InvalidRoom::NotAnObject));
-        assert_eq!(
-            Room::from_json(&json!({"a": {"b": 1}})),
-            Err(InvalidRoom::NotScalar("a".into()))
-        );
-        assert_eq!(
-            Room::from_json(&json!({"a": [1]})),
-            Err(InvalidRoom::NotScalar("a".into()))
-        );
+        assert_eq!(Room::from_json(&json!({"a": {"b": 1}})), Err(InvalidRoom::NotScalar("a".into())));
+        assert_eq!(Room::from_json(&json!({"a": [1]})), Err(InvalidRoom::NotScalar("a".into())));
         let many: Map<String, Value> = (0..=MAX_ROOM_KEYS).map(|i| (format!("k{i}"), json!(i))).collect();
         assert_eq!(Room::from_map(&many), Err(InvalidRoom::TooManyKeys));
         let long = "x".repeat(MAX_ROOM_TEXT + 1);

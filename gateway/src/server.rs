@@ -59,14 +59,10 @@ impl Server {
             BrokerKind::Memory => Arc::new(MemoryBroker::new(hub.clone())),
         };
         let backend = BootstrapClient::new(&config.backend, metrics.clone())?;
-        let forwarding = ForwardingTable::new(&config.backend.forward).map_err(|e| ConfigError::Invalid {
-            field: "backend.forward",
-            message: e.to_string(),
-        })?;
+        let forwarding = ForwardingTable::new(&config.backend.forward)
+            .map_err(|e| ConfigError::Invalid { field: "backend.forward", message: e.to_string() })?;
         let addr = config.listen.0;
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|source| StartError::Bind { addr, source })?;
+        let listener = TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })?;
         let gateway = Arc::new(Gateway {
             config,
             hub,
@@ -122,17 +118,12 @@ impl Server {
         tokio::spawn(shutdown_sequence);
         let app = crate::http::router(gateway.clone()).into_make_service_with_connect_info::<SocketAddr>();
         let stopped = stop_accepting.clone();
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move { stopped.cancelled().await })
-            .await?;
+        axum::serve(listener, app).with_graceful_shutdown(async move { stopped.cancelled().await }).await?;
         // Sessions close at random moments within the window; give them a
         // little more to send their close frames, then leave anyway.
         gateway.sessions.close();
         let window = seconds(gateway.config.shutdown.close_window_seconds);
-        if tokio::time::timeout(window + Duration::from_secs(3), gateway.sessions.wait())
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout(window + Duration::from_secs(3), gateway.sessions.wait()).await.is_err() {
             warn!(left = gateway.sessions.len(), "sessions still open at the end of the close window");
         }
         info!("gateway stopped");

@@ -151,9 +151,7 @@ impl Session {
 
 impl Drop for Session {
     fn drop(&mut self) {
-        self.gateway
-            .hub
-            .unsubscribe(self.subscriptions.iter().map(|(_, (room, id))| (room, *id)));
+        self.gateway.hub.unsubscribe(self.subscriptions.iter().map(|(_, (room, id))| (room, *id)));
     }
 }
 
@@ -167,10 +165,7 @@ impl Drop for OpenConnection {
 }
 
 fn close_message(code: u16, reason: &'static str) -> Message {
-    Message::Close(Some(CloseFrame {
-        code,
-        reason: Utf8Bytes::from_static(reason),
-    }))
+    Message::Close(Some(CloseFrame { code, reason: Utf8Bytes::from_static(reason) }))
 }
 
 /// Runs `write` unless the client proves too slow first: its queue
@@ -188,7 +183,11 @@ where
 
 /// Feeds the first delivery and whatever else is queued (up to
 /// [`MAX_BATCH`]), then flushes once.
-async fn write_batch(socket: &mut WebSocket, first: Delivery, queue: &mut mpsc::Receiver<Delivery>) -> Result<(), axum::Error> {
+async fn write_batch(
+    socket: &mut WebSocket,
+    first: Delivery,
+    queue: &mut mpsc::Receiver<Delivery>,
+) -> Result<(), axum::Error> {
     socket.feed(Message::Text(first.text().into())).await?;
     for _ in 1..MAX_BATCH {
         let Ok(next) = queue.try_recv() else { break };
@@ -241,12 +240,8 @@ pub async fn run(
     }
 
     let (handle, mut queue) = gateway.hub.open_session(limits.outbound_queue);
-    let mut session = Session {
-        allowed,
-        subscriptions: HashMap::new(),
-        handle: handle.clone(),
-        gateway: gateway.clone(),
-    };
+    let mut session =
+        Session { allowed, subscriptions: HashMap::new(), handle: handle.clone(), gateway: gateway.clone() };
 
     let ping_every = seconds(limits.ping_interval_seconds);
     let mut pings = interval_at(tokio::time::Instant::now() + ping_every, ping_every);
@@ -277,7 +272,10 @@ pub async fn run(
                     Some(Ok(Message::Close(_))) => break Stop::ClientGone,
                     Some(Ok(Message::Text(t))) => Some(t),
                     Some(Ok(Message::Binary(b))) => Some(Utf8Bytes::try_from(b).unwrap_or_default()),
-                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => None,
+                    // Browsers answer pings by themselves: a pong says the
+                    // peer is alive, not that the client is active.
+                    Some(Ok(Message::Pong(_))) => continue,
+                    Some(Ok(Message::Ping(_))) => None,
                 };
                 idle_deadline = tokio::time::Instant::now() + idle_timeout;
                 if let Some(text) = text {

@@ -96,7 +96,8 @@ mod tests {
 
     #[test]
     fn parses_3x_body() {
-        let t = Trigger::parse(br#"{"rooms":[{"target":"message","user":5}],"data":{"id":1, "x": [1,2]}}"#).expect("valid");
+        let t =
+            Trigger::parse(br#"{"rooms":[{"target":"message","user":5}],"data":{"id":1, "x": [1,2]}}"#).expect("valid");
         assert_eq!(t.rooms, vec![Room::from_json(&json!({"user": 5, "target": "message"})).expect("room")]);
         assert_eq!(t.data.get(), r#"{"id":1, "x": [1,2]}"#, "data is kept verbatim");
     }
@@ -120,7 +121,10 @@ mod tests {
         let e = Trigger::parse(br#"{"data":1}"#).expect_err("no rooms");
         assert_eq!(e, InvalidTrigger::NoRooms);
         let e = Trigger::parse(br#"{"rooms":[{"a":1},{"a":{"secret":1}}]}"#).expect_err("bad room");
-        assert_eq!(e.to_string(), r#"rooms[1]: room key "a" has a value that is not a string, number, boolean or null"#);
+        assert_eq!(
+            e.to_string(),
+            r#"rooms[1]: room key "a" has a value that is not a string, number, boolean or null"#
+        );
     }
 
     #[test]

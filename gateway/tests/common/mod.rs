@@ -1,0 +1,380 @@
+//! Test harness: a real HTTP backend (an axum app) that records what it
+//! receives, a real gateway server on an ephemeral loopback port, and real
+//! websocket clients (tokio-tungstenite).
+
+#![allow(dead_code, missing_docs)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::IntoResponse;
+use futures_util::{SinkExt, StreamExt};
+use high_templar_gateway::config::Config;
+use high_templar_gateway::gateway::Gateway;
+use high_templar_gateway::server::Server;
+use serde_json::{Value, json};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// How long any single wait in a test may take before it fails.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// What the test backend answers for one token.
+#[derive(Clone)]
+pub struct Answer {
+    pub status: StatusCode,
+    pub body: String,
+    pub delay: Duration,
+}
+
+impl Answer {
+    pub fn rooms(rooms: Value) -> Answer {
+        Answer {
+            status: StatusCode::OK,
+            body: json!({ "allowed_rooms": rooms, "user": {"id": 1} }).to_string(),
+            delay: Duration::ZERO,
+        }
+    }
+    pub fn status(status: u16) -> Answer {
+        Answer { status: StatusCode::from_u16(status).expect("valid status"), body: "{}".into(), delay: Duration::ZERO }
+    }
+    pub fn body(body: &str) -> Answer {
+        Answer { status: StatusCode::OK, body: body.into(), delay: Duration::ZERO }
+    }
+    pub fn delayed(mut self, delay: Duration) -> Answer {
+        self.delay = delay;
+        self
+    }
+}
+
+/// A real HTTP backend answering `GET /api/bootstrap/` per token
+/// (`Authorization: Token <t>`), recording every request's headers.
+#[derive(Clone, Default)]
+pub struct TestBackend {
+    answers: Arc<Mutex<HashMap<String, Answer>>>,
+    seen: Arc<Mutex<Vec<HeaderMap>>>,
+}
+
+impl TestBackend {
+    pub fn new() -> TestBackend {
+        TestBackend::default()
+    }
+
+    /// Answer `answer` to requests carrying token `token`.
+    pub fn answer(self, token: &str, answer: Answer) -> TestBackend {
+        self.answers.lock().expect("lock").insert(token.into(), answer);
+        self
+    }
+
+    /// Headers of every bootstrap request received so far.
+    pub fn seen(&self) -> Vec<HeaderMap> {
+        self.seen.lock().expect("lock").clone()
+    }
+
+    fn router(&self) -> Router {
+        let backend = self.clone();
+        Router::new().route(
+            "/api/bootstrap/",
+            axum::routing::get(move |headers: HeaderMap| {
+                let backend = backend.clone();
+                async move {
+                    backend.seen.lock().expect("lock").push(headers.clone());
+                    let token = headers
+                        .get("authorization")
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.strip_prefix("Token "))
+                        .unwrap_or("")
+                        .to_string();
+                    let answer = backend.answers.lock().expect("lock").get(&token).cloned();
+                    let answer = answer.unwrap_or_else(|| Answer::status(403));
+                    tokio::time::sleep(answer.delay).await;
+                    (answer.status, [("content-type", "application/json")], answer.body).into_response()
+                }
+            }),
+        )
+    }
+
+    /// Serves on an ephemeral loopback port; returns the base URL.
+    pub async fn serve(&self) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind backend");
+        let addr = listener.local_addr().expect("addr");
+        let app = self.router();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        format!("http://{addr}/api/")
+    }
+
+    /// Serves on a unix socket at `path`.
+    pub async fn serve_unix(&self, path: &std::path::Path) {
+        let listener = tokio::net::UnixListener::bind(path).expect("bind unix backend");
+        let app = self.router();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+    }
+}
+
+/// A gateway server running in this process on an ephemeral port.
+pub struct TestGateway {
+    pub addr: SocketAddr,
+    pub gateway: Arc<Gateway>,
+    stop: Option<oneshot::Sender<()>>,
+    done: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+/// A config for tests: loopback, the given backend, a trigger token, and
+/// short shutdown timings; `extra` YAML is merged over it.
+pub fn test_config(backend_url: &str, extra: &str) -> Config {
+    let mut base: serde_yaml::Value = serde_yaml::from_str(&format!(
+        "listen: 127.0.0.1:0\nbackend: {{url: '{backend_url}', timeoutSeconds: 2}}\ntrigger: {{token: test-token}}\nshutdown: {{drainDelaySeconds: 0.2, closeWindowSeconds: 0.5}}\n"
+    ))
+    .expect("base yaml");
+    if !extra.trim().is_empty() {
+        let extra: serde_yaml::Value = serde_yaml::from_str(extra).expect("extra yaml");
+        merge(&mut base, extra);
+    }
+    let text = serde_yaml::to_string(&base).expect("yaml");
+    Config::from_yaml(&text).expect("test config parses")
+}
+
+fn merge(base: &mut serde_yaml::Value, extra: serde_yaml::Value) {
+    match (base, extra) {
+        (serde_yaml::Value::Mapping(b), serde_yaml::Value::Mapping(e)) => {
+            for (k, v) in e {
+                match b.get_mut(&k) {
+                    Some(existing) => merge(existing, v),
+                    None => {
+                        b.insert(k, v);
+                    }
+                }
+            }
+        }
+        (b, e) => *b = e,
+    }
+}
+
+impl TestGateway {
+    pub async fn start(config: Config) -> TestGateway {
+        let server = Server::bind(config).await.expect("gateway binds");
+        let addr = server.local_addr().expect("addr");
+        let gateway = server.gateway();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let done = tokio::spawn(server.run(async move {
+            let _ = stopped.await;
+        }));
+        TestGateway { addr, gateway, stop: Some(stop), done }
+    }
+
+    /// A gateway in front of `backend` with `extra` config.
+    pub async fn with_backend(backend: &TestBackend, extra: &str) -> TestGateway {
+        let url = backend.serve().await;
+        TestGateway::start(test_config(&url, extra)).await
+    }
+
+    pub fn ws_url(&self, token: Option<&str>) -> String {
+        match token {
+            Some(t) => format!("ws://{}/ws/?token={t}", self.addr),
+            None => format!("ws://{}/ws/", self.addr),
+        }
+    }
+
+    pub fn http_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Connects a client with `token` and reads the auth frame.
+    pub async fn client(&self, token: &str) -> Client {
+        let mut c = Client::connect(&self.ws_url(Some(token)), &[]).await.expect("websocket connects");
+        let auth = c.recv_json().await;
+        assert_eq!(auth["is_authorized"], json!(true), "auth frame: {auth}");
+        c
+    }
+
+    /// POST /trigger with the test token; returns the status.
+    pub async fn trigger(&self, body: &Value) -> u16 {
+        let res = http_post(&self.http_url("/trigger"), Some("test-token"), body.to_string().into_bytes()).await;
+        res.0
+    }
+
+    /// A metric sample's value from /metrics (0 when absent).
+    pub async fn metric(&self, sample: &str) -> f64 {
+        let (_, text) = http_get(&self.http_url("/metrics")).await;
+        metric_value(&text, sample)
+    }
+
+    /// Runs the graceful shutdown and waits for the server to finish.
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        tokio::time::timeout(WAIT, &mut self.done)
+            .await
+            .expect("server stops in time")
+            .expect("server task")
+            .expect("server ok");
+    }
+}
+
+/// The value of `sample` (name with labels, exactly as exposed) in a
+/// Prometheus text exposition.
+pub fn metric_value(text: &str, sample: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(sample).and_then(|rest| rest.strip_prefix(' ')))
+        .map(|v| v.trim().parse().expect("numeric sample"))
+        .unwrap_or(0.0)
+}
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// A real websocket client.
+pub struct Client {
+    pub ws: Ws,
+}
+
+/// How a connection ended, as the client saw it.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Ended {
+    /// A close frame with this code.
+    Close(u16),
+    /// The connection dropped without a close frame.
+    Dropped,
+}
+
+impl Client {
+    /// Connects with extra request headers.
+    pub async fn connect(url: &str, headers: &[(&str, &str)]) -> Result<Client, WsError> {
+        let mut request = url.into_client_request().expect("request");
+        for (k, v) in headers {
+            request.headers_mut().insert(
+                tokio_tungstenite::tungstenite::http::HeaderName::from_bytes(k.as_bytes()).expect("name"),
+                HeaderValue::from_str(v).expect("value"),
+            );
+        }
+        let (ws, _) = tokio_tungstenite::connect_async(request).await?;
+        Ok(Client { ws })
+    }
+
+    pub async fn send(&mut self, text: &str) {
+        self.ws.send(Message::text(text)).await.expect("send");
+    }
+
+    /// The next text frame (pings/pongs skipped); panics on close or timeout.
+    pub async fn recv_text(&mut self) -> String {
+        loop {
+            let msg = tokio::time::timeout(WAIT, self.ws.next())
+                .await
+                .expect("a frame within the wait")
+                .expect("stream open")
+                .expect("frame ok");
+            match msg {
+                Message::Text(t) => return t.to_string(),
+                Message::Ping(_) | Message::Pong(_) => continue,
+                other => panic!("expected a text frame, got {other:?}"),
+            }
+        }
+    }
+
+    pub async fn recv_json(&mut self) -> Value {
+        let text = self.recv_text().await;
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
+    }
+
+    /// Sends `text` and returns the JSON reply.
+    pub async fn request(&mut self, text: &str) -> Value {
+        self.send(text).await;
+        self.recv_json().await
+    }
+
+    pub async fn subscribe(&mut self, room: Value, request_id: Value) -> Value {
+        self.request(&json!({"type": "subscribe", "room": room, "requestId": request_id}).to_string()).await
+    }
+
+    /// Nothing arrives within `d` (pings aside).
+    pub async fn expect_silence(&mut self, d: Duration) {
+        let deadline = tokio::time::Instant::now() + d;
+        loop {
+            match tokio::time::timeout_at(deadline, self.ws.next()).await {
+                Err(_) => return,
+                Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
+                Ok(other) => panic!("expected silence, got {other:?}"),
+            }
+        }
+    }
+
+    /// Reads until the connection ends; returns how. Text frames before
+    /// the close are returned too.
+    pub async fn until_end(&mut self) -> (Vec<String>, Ended) {
+        let mut texts = Vec::new();
+        loop {
+            match tokio::time::timeout(WAIT, self.ws.next()).await.expect("the connection ends in time") {
+                Some(Ok(Message::Text(t))) => texts.push(t.to_string()),
+                Some(Ok(Message::Close(Some(frame)))) => return (texts, Ended::Close(u16::from(frame.code))),
+                Some(Ok(Message::Close(None))) => return (texts, Ended::Close(u16::from(CloseCode::Status))),
+                Some(Ok(_)) => continue,
+                Some(Err(_)) | None => return (texts, Ended::Dropped),
+            }
+        }
+    }
+}
+
+/// A raw HTTP/1.1 request over loopback; returns status and body.
+async fn http_request(method: &str, url: &str, headers: &[(&str, String)], body: Vec<u8>) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = url.strip_prefix("http://").expect("http url");
+    let (host, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let mut stream = TcpStream::connect(host).await.expect("connect");
+    let mut head =
+        format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes()).await.expect("write head");
+    // The server may answer (413) before reading a large body; ignore the write error then.
+    let _ = stream.write_all(&body).await;
+    let mut raw = Vec::new();
+    let _ = tokio::time::timeout(WAIT, stream.read_to_end(&mut raw)).await.expect("response in time");
+    let text = String::from_utf8_lossy(&raw).to_string();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no HTTP status in {text:?}"));
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, body)
+}
+
+pub async fn http_get(url: &str) -> (u16, String) {
+    http_request("GET", url, &[], Vec::new()).await
+}
+
+/// POST with an optional bearer token.
+pub async fn http_post(url: &str, bearer: Option<&str>, body: Vec<u8>) -> (u16, String) {
+    let mut headers = vec![("Content-Type", "application/json".to_string())];
+    if let Some(t) = bearer {
+        headers.push(("Authorization", format!("Bearer {t}")));
+    }
+    http_request("POST", url, &headers, body).await
+}
+
+/// Polls `f` until it is true or the wait runs out.
+pub async fn eventually<F, Fut>(what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while tokio::time::Instant::now() < deadline {
+        if f().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("timed out waiting for: {what}");
+}
