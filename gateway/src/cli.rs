@@ -63,6 +63,15 @@ pub struct ServeArgs {
     /// Trigger broker [default: memory].
     #[arg(long, env = "HT_BROKER", value_enum)]
     pub broker: Option<BrokerKind>,
+    /// RabbitMQ URL for the amqp broker, e.g. amqp://user:pass@rabbitmq:5672/%2f.
+    #[arg(long, env = "HT_AMQP_URL", hide_env_values = true)]
+    pub amqp_url: Option<String>,
+    /// Exchange triggers are published to [default: hightemplar].
+    #[arg(long, env = "HT_EXCHANGE")]
+    pub exchange: Option<String>,
+    /// Declare the exchange durable (true|false) [default: true].
+    #[arg(long, env = "HT_EXCHANGE_DURABLE", action = clap::ArgAction::Set)]
+    pub exchange_durable: Option<bool>,
     /// Bearer token of POST /trigger (disabled when unset).
     #[arg(long, env = "HT_TRIGGER_TOKEN", hide_env_values = true)]
     pub trigger_token: Option<String>,
@@ -92,6 +101,15 @@ impl ServeArgs {
         }
         if let Some(kind) = self.broker {
             config.broker.kind = kind;
+        }
+        if let Some(url) = &self.amqp_url {
+            config.broker.amqp.url = Some(Secret(url.clone()));
+        }
+        if let Some(exchange) = &self.exchange {
+            config.broker.amqp.exchange = exchange.clone();
+        }
+        if let Some(durable) = self.exchange_durable {
+            config.broker.amqp.exchange_durable = durable;
         }
         if let Some(token) = &self.trigger_token {
             config.trigger.token = Some(Secret(token.clone()));

@@ -92,14 +92,51 @@ pub enum BrokerKind {
     /// In-process: a single gateway, no RabbitMQ.
     #[default]
     Memory,
+    /// RabbitMQ: every replica consumes the same exchange.
+    Amqp,
 }
 
 /// Broker selection and settings.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct BrokerConfig {
-    /// `memory` (default).
+    /// `memory` (default) or `amqp`.
     pub kind: BrokerKind,
+    /// Settings of the `amqp` broker.
+    pub amqp: AmqpConfig,
+}
+
+/// RabbitMQ settings (DESIGN.md §3).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct AmqpConfig {
+    /// `amqp://user:pass@host:5672/vhost`; required with `kind: amqp`.
+    /// Holds a password: prefer the `HT_AMQP_URL` environment variable.
+    pub url: Option<Secret>,
+    /// Exchange triggers are published to (3.x: `hightemplar`).
+    pub exchange: String,
+    /// Declare the exchange durable. 3.x declared it non-durable; an
+    /// existing exchange with other arguments is used as it is.
+    pub exchange_durable: bool,
+    /// Unacknowledged triggers in flight from RabbitMQ to this process.
+    pub prefetch: u16,
+    /// AMQP heartbeat; a silent broker is detected after about two of them.
+    pub heartbeat_seconds: u16,
+    /// Longest wait between reconnection attempts (backoff starts at 0.1 s).
+    pub reconnect_max_seconds: f64,
+}
+
+impl Default for AmqpConfig {
+    fn default() -> Self {
+        AmqpConfig {
+            url: None,
+            exchange: "hightemplar".into(),
+            exchange_durable: true,
+            prefetch: 256,
+            heartbeat_seconds: 2,
+            reconnect_max_seconds: 10.0,
+        }
+    }
 }
 
 /// `POST /trigger` settings.
@@ -294,6 +331,30 @@ impl Config {
         {
             return Err(invalid("trigger.token", "must not be empty (leave it unset to disable POST /trigger)"));
         }
+        if self.broker.kind == BrokerKind::Amqp {
+            let amqp = &self.broker.amqp;
+            let Some(url) = &amqp.url else {
+                return Err(invalid(
+                    "broker.amqp.url",
+                    "required with the amqp broker: set it in the config file, with --amqp-url or HT_AMQP_URL",
+                ));
+            };
+            // The message never quotes the URL: it holds a password.
+            match url.0.parse::<lapin::uri::AMQPUri>() {
+                Err(_) => return Err(invalid("broker.amqp.url", "not an amqp:// URL")),
+                Ok(uri) if uri.scheme != lapin::uri::AMQPScheme::AMQP => {
+                    return Err(invalid("broker.amqp.url", "only amqp:// is supported (no TLS in this build)"));
+                }
+                Ok(_) => {}
+            }
+            if amqp.exchange.is_empty() || amqp.exchange.len() > 255 {
+                return Err(invalid("broker.amqp.exchange", "must be 1 to 255 characters"));
+            }
+            if amqp.prefetch == 0 {
+                return Err(invalid("broker.amqp.prefetch", "must be at least 1"));
+            }
+            positive("broker.amqp.reconnectMaxSeconds", amqp.reconnect_max_seconds)?;
+        }
         for rule in &self.backend.forward {
             validate_rule(rule).map_err(|e| invalid("backend.forward", &format!("header {:?}: {e}", rule.header)))?;
         }
@@ -363,6 +424,27 @@ clientStatus: {enabled: false}
         c.backend.forward.push(serde_yaml::from_str("{header: Host, from: {value: x}}").expect("rule"));
         let e = c.validate().expect_err("host rule");
         assert!(e.to_string().contains("Host"), "{e}");
+    }
+
+    #[test]
+    fn amqp_broker_needs_a_valid_url_and_never_prints_it() {
+        let c = Config::from_yaml("backend: {url: 'http://a/'}\nbroker: {kind: amqp}").expect("parses");
+        assert!(c.validate().expect_err("no url").to_string().contains("broker.amqp.url"));
+        let c =
+            Config::from_yaml("backend: {url: 'http://a/'}\nbroker: {kind: amqp, amqp: {url: 'http://u:hunter2@h/'}}")
+                .expect("parses");
+        let e = c.validate().expect_err("not amqp").to_string();
+        assert!(e.contains("broker.amqp.url") && !e.contains("hunter2"), "{e}");
+        let c = Config::from_yaml("backend: {url: 'http://a/'}\nbroker: {kind: amqp, amqp: {url: 'amqps://u:p@h/'}}")
+            .expect("parses");
+        assert!(c.validate().expect_err("amqps").to_string().contains("no TLS"));
+        let c = Config::from_yaml(
+            "backend: {url: 'http://a/'}\nbroker: {kind: amqp, amqp: {url: 'amqp://u:p@h:5672/%2f', exchangeDurable: false}}",
+        )
+        .expect("parses");
+        c.validate().expect("valid");
+        assert_eq!(c.broker.amqp.exchange, "hightemplar");
+        assert!(!c.broker.amqp.exchange_durable);
     }
 
     #[test]

@@ -6,6 +6,7 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
+use high_templar_gateway::broker::amqp::redact_url;
 use high_templar_gateway::cli::{Cli, Command, LogFormat};
 use high_templar_gateway::config::Secret;
 use high_templar_gateway::server::{Server, StartError};
@@ -21,7 +22,10 @@ fn init_logging(format: LogFormat) {
         LogFormat::Text => false,
         LogFormat::Auto => !std::io::stderr().is_terminal(),
     };
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     if json {
         builder.json().flatten_event(true).init();
     } else {
@@ -63,6 +67,9 @@ fn main() -> ExitCode {
         let mut shown = config.clone();
         if shown.trigger.token.is_some() {
             shown.trigger.token = Some(Secret("<redacted>".into()));
+        }
+        if let Some(url) = &shown.broker.amqp.url {
+            shown.broker.amqp.url = Some(Secret(redact_url(&url.0)));
         }
         match serde_yaml::to_string(&shown) {
             Ok(yaml) => print!("{yaml}"),

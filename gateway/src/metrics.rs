@@ -59,6 +59,10 @@ pub struct Metrics {
     pub backend_latency: Histogram,
     /// Duration of one trigger's fan-out (index lookup and queueing), seconds.
     pub fanout_latency: Histogram,
+    /// 1 while consuming from RabbitMQ (amqp broker only).
+    pub amqp_connected: Gauge,
+    /// Reconnection attempts to RabbitMQ.
+    pub amqp_reconnects: Counter,
 }
 
 impl Default for Metrics {
@@ -87,6 +91,8 @@ impl Metrics {
             backend_latency: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
             // 10 µs .. ~0.3 s
             fanout_latency: Histogram::new(exponential_buckets(0.00001, 2.0, 15)),
+            amqp_connected: Gauge::default(),
+            amqp_reconnects: Counter::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -115,6 +121,8 @@ impl Metrics {
             "Duration of one trigger's fan-out to the connection queues",
             m.fanout_latency.clone(),
         );
+        r.register("amqp_connected", "1 while consuming triggers from RabbitMQ", m.amqp_connected.clone());
+        r.register("amqp_reconnects", "Reconnection attempts to RabbitMQ", m.amqp_reconnects.clone());
         Metrics { registry, ..m }
     }
 

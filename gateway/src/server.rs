@@ -15,7 +15,8 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::backend::{BackendSetupError, BootstrapClient};
-use crate::broker::{Broker, MemoryBroker};
+use crate::broker::amqp::AmqpSetupError;
+use crate::broker::{AmqpBroker, Broker, MemoryBroker};
 use crate::config::{BrokerKind, Config, ConfigError, seconds};
 use crate::forwarding::ForwardingTable;
 use crate::gateway::Gateway;
@@ -31,6 +32,9 @@ pub enum StartError {
     /// The backend client cannot be built.
     #[error(transparent)]
     Backend(#[from] BackendSetupError),
+    /// The AMQP broker cannot be set up.
+    #[error(transparent)]
+    Amqp(#[from] AmqpSetupError),
     /// The listen address cannot be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -57,6 +61,7 @@ impl Server {
         let hub = Arc::new(Hub::new(metrics.clone()));
         let broker: Arc<dyn Broker> = match config.broker.kind {
             BrokerKind::Memory => Arc::new(MemoryBroker::new(hub.clone())),
+            BrokerKind::Amqp => Arc::new(AmqpBroker::start(config.broker.amqp.clone(), hub.clone(), metrics.clone())?),
         };
         let backend = BootstrapClient::new(&config.backend, metrics.clone())?;
         let forwarding = ForwardingTable::new(&config.backend.forward)

@@ -1,4 +1,5 @@
 # shellcheck shell=bash
+# shellcheck disable=SC2034  # variables are used by the scripts that source this
 # Shared settings for ensure-tools.sh / start.sh / stop.sh. Sourced, not run.
 #
 # Versions are read from the pinned Go modules under go/, so go.mod is the

@@ -74,7 +74,7 @@ crd='{
 }'
 api POST /apis/apiextensions.k8s.io/v1/customresourcedefinitions "$crd"
 expect 201 "create CRD widgets.smoke.high-templar.test"
-for i in $(seq 1 100); do
+for _ in $(seq 1 100); do
     api GET /apis/apiextensions.k8s.io/v1/customresourcedefinitions/widgets.smoke.high-templar.test
     est="$(python3 -c 'import json,sys; print(any(c["type"]=="Established" and c["status"]=="True" for c in json.load(sys.stdin).get("status",{}).get("conditions",[])))' <<<"$body")"
     [ "$est" = True ] && break
@@ -84,7 +84,7 @@ done
 echo "smoke: ok   CRD Established"
 
 W_PATH=/apis/smoke.high-templar.test/v1alpha1/namespaces/smoke/widgets
-for i in $(seq 1 50); do  # discovery of a fresh CRD can lag a moment
+for _ in $(seq 1 50); do  # discovery of a fresh CRD can lag a moment
     api GET "$W_PATH"; [ "$code" = 200 ] && break; sleep 0.1
 done
 expect 200 "list widgets"
@@ -126,12 +126,12 @@ if [ -n "${CONTROLLER_MANAGER_PID:-}" ]; then
     api DELETE /api/v1/namespaces/smoke/configmaps/parent
     expect 200 "delete ConfigMap parent"
     t0=$SECONDS
-    for i in $(seq 1 300); do api GET /api/v1/namespaces/smoke/configmaps/child; [ "$code" = 404 ] && break; sleep 0.2; done
+    for _ in $(seq 1 300); do api GET /api/v1/namespaces/smoke/configmaps/child; [ "$code" = 404 ] && break; sleep 0.2; done
     expect 404 "garbage collector deleted child ($((SECONDS - t0))s)"
     api DELETE /api/v1/namespaces/smoke
     expect 200 "delete namespace smoke"
     t0=$SECONDS
-    for i in $(seq 1 300); do api GET /api/v1/namespaces/smoke; [ "$code" = 404 ] && break; sleep 0.2; done
+    for _ in $(seq 1 300); do api GET /api/v1/namespaces/smoke; [ "$code" = 404 ] && break; sleep 0.2; done
     expect 404 "namespace controller finished deleting smoke ($((SECONDS - t0))s)"
 fi
 

@@ -23,6 +23,7 @@
 #                          (default 10800 = 3h; 0 = no limit)
 #   HT_START_TIMEOUT       seconds to wait for readiness (default 120)
 #   HT_CACHE               tool cache (default ~/.cache/high-templar)
+# shellcheck disable=SC2016,SC2034  # single-quoted inner scripts; vars read via ${!v}
 set -euo pipefail
 
 if [ "$#" -ne 1 ]; then
@@ -169,7 +170,11 @@ run() {
     [ -s "$W/run/$name.pid" ] || die "$name did not start"
     STARTED_PIDS+=("$(cat "$W/run/$name.pid")")
 }
-alive() { kill -0 "$(cat "$W/run/$1.pid")" 2>/dev/null; }
+alive() {
+    local st
+    st="$(sed 's/.*) //' "/proc/$(cat "$W/run/$1.pid")/stat" 2>/dev/null | cut -d' ' -f1)" || return 1
+    [ -n "$st" ] && [ "$st" != Z ]
+}
 # wait_for NAME WHAT CMD...: poll CMD until it succeeds while NAME is alive.
 wait_for() {
     local name="$1" what="$2"; shift 2
@@ -196,9 +201,15 @@ etcd_healthy() { curl -fsS --max-time 2 "$ETCD_URL/health" | grep -q '"health":"
 wait_for etcd "etcd $ETCD_URL/health" etcd_healthy
 
 ISSUER="https://kubernetes.default.svc.cluster.local"
+# --endpoint-reconciler-type=none: the apiserver refuses a loopback
+#   --advertise-address with an endpoint reconciler; nothing routes to the
+#   "kubernetes" Service here anyway.
+# --requestheader-*: only so that kube-controller-manager finds a front-proxy
+#   CA (it logs errors every second otherwise); no cert has that CN.
 run kube-apiserver "$HT_KUBE_APISERVER" \
     --bind-address=127.0.0.1 \
     --advertise-address=127.0.0.1 \
+    --endpoint-reconciler-type=none \
     --secure-port="$APISERVER_PORT" \
     --etcd-servers="$ETCD_URL" \
     --cert-dir="$W/pki/apiserver-generated" \
@@ -206,6 +217,11 @@ run kube-apiserver "$HT_KUBE_APISERVER" \
     --tls-private-key-file="$P/apiserver.key" \
     --client-ca-file="$P/ca.crt" \
     --token-auth-file="$P/tokens.csv" \
+    --requestheader-client-ca-file="$P/ca.crt" \
+    --requestheader-allowed-names=front-proxy-client \
+    --requestheader-username-headers=X-Remote-User \
+    --requestheader-group-headers=X-Remote-Group \
+    --requestheader-extra-headers-prefix=X-Remote-Extra- \
     --authorization-mode=RBAC \
     --service-cluster-ip-range=10.96.0.0/16 \
     --service-account-issuer="$ISSUER" \

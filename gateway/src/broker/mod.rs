@@ -5,8 +5,10 @@ use futures_util::future::BoxFuture;
 
 use crate::trigger::Trigger;
 
+pub mod amqp;
 mod memory;
 
+pub use amqp::AmqpBroker;
 pub use memory::MemoryBroker;
 
 /// Why a trigger could not be published.

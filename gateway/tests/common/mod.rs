@@ -378,3 +378,94 @@ where
     }
     panic!("timed out waiting for: {what}");
 }
+
+/// The RabbitMQ the tests use: `HT_TEST_AMQP_URL`, default the local one
+/// that `tests/run` installs and starts.
+pub fn amqp_url() -> String {
+    std::env::var("HT_TEST_AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+/// Fails the test with instructions when no RabbitMQ listens.
+pub async fn require_rabbitmq() {
+    let url = amqp_url();
+    if let Err(e) = lapin::Connection::connect(&url, lapin::ConnectionProperties::default()).await {
+        panic!(
+            "RabbitMQ is required at {url} and is not usable ({e}). Run tests/run, which installs and starts \
+             Debian's rabbitmq-server, or start one yourself (set HT_TEST_AMQP_URL to use another)."
+        );
+    }
+}
+
+/// An exchange name no other test uses.
+pub fn unique_exchange(test: &str) -> String {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("ht-test-{test}-{}-{n}", std::process::id())
+}
+
+/// Config YAML for the amqp broker on `exchange` (non-durable, as 3.x).
+pub fn amqp_config(exchange: &str) -> String {
+    format!("broker: {{kind: amqp, amqp: {{url: '{}', exchange: '{exchange}', exchangeDurable: false}}}}\n", amqp_url())
+}
+
+/// A raw AMQP publisher, exactly like a 3.x Django publisher.
+pub struct AmqpPublisher {
+    pub connection: lapin::Connection,
+    pub channel: lapin::Channel,
+}
+
+impl AmqpPublisher {
+    pub async fn connect() -> AmqpPublisher {
+        require_rabbitmq().await;
+        let connection = lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default())
+            .await
+            .expect("connect to RabbitMQ");
+        let channel = connection.create_channel().await.expect("channel");
+        AmqpPublisher { connection, channel }
+    }
+
+    /// `basic_publish(exchange=…, routing_key="*", body=…)`.
+    pub async fn publish(&self, exchange: &str, body: &[u8]) {
+        self.channel
+            .basic_publish(
+                exchange.into(),
+                "*".into(),
+                lapin::options::BasicPublishOptions::default(),
+                body,
+                lapin::BasicProperties::default(),
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("publish confirm");
+    }
+
+    /// Declares `exchange` the way 3.x gateways do: direct, non-durable.
+    pub async fn declare_3x_exchange(&self, exchange: &str) {
+        self.channel
+            .exchange_declare(
+                exchange.into(),
+                lapin::ExchangeKind::Direct,
+                lapin::options::ExchangeDeclareOptions::default(),
+                lapin::types::FieldTable::default(),
+            )
+            .await
+            .expect("declare exchange");
+    }
+
+    pub async fn delete_exchange(&self, exchange: &str) {
+        let _ = self.channel.exchange_delete(exchange.into(), lapin::options::ExchangeDeleteOptions::default()).await;
+    }
+}
+
+impl TestGateway {
+    /// Waits until `/readyz` answers `status`.
+    pub async fn wait_ready(&self, status: u16) {
+        let url = self.http_url("/readyz");
+        eventually(&format!("/readyz answers {status}"), || {
+            let url = url.clone();
+            async move { http_get(&url).await.0 == status }
+        })
+        .await;
+    }
+}
