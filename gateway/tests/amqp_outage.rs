@@ -1,8 +1,9 @@
 //! A RabbitMQ outage (DESIGN.md §4): readiness follows the broker, sessions
 //! survive it, and delivery resumes after reconnection.
 //!
-//! This stops and starts the whole local RabbitMQ application, so it lives
-//! alone in its own test binary: cargo runs test binaries one at a time.
+//! These tests stop the whole local RabbitMQ, so they live in their own test
+//! binary (cargo runs test binaries one at a time) and take turns through
+//! `OUTAGE`.
 
 mod common;
 
@@ -19,6 +20,9 @@ fn rabbitmqctl(args: &[&str]) {
     assert!(out.status.success(), "rabbitmqctl {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
 }
 
+/// One outage at a time.
+static OUTAGE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Starts the RabbitMQ application again however the test ends.
 struct RestartOnDrop;
 
@@ -30,6 +34,7 @@ impl Drop for RestartOnDrop {
 
 #[tokio::test]
 async fn readiness_follows_the_broker_and_sessions_survive_an_outage() {
+    let _turn = OUTAGE.lock().await;
     require_rabbitmq().await;
     let exchange = unique_exchange("outage");
     let backend = TestBackend::new().answer("bob", Answer::rooms(json!([{"user": 2}])));
@@ -55,5 +60,53 @@ async fn readiness_follows_the_broker_and_sessions_survive_an_outage() {
     assert!(gw.metric("hightemplar_amqp_reconnects_total").await >= 1.0);
     assert_eq!(gw.trigger(&json!({"rooms": [{"user": 2}], "data": "after the outage"})).await, 202);
     assert_eq!(c.recv_json().await, json!({"type": "publish", "data": "after the outage", "requestId": "u"}));
+    common::AmqpPublisher::connect().await.delete_exchange(&exchange).await;
+}
+
+/// The pid of the RabbitMQ server (the Erlang VM).
+fn rabbitmq_pid() -> String {
+    let out = Command::new("pgrep").args(["-x", "beam.smp"]).output().expect("pgrep");
+    let pids = String::from_utf8_lossy(&out.stdout);
+    let pid = pids.lines().next().expect("a running beam.smp (RabbitMQ)").trim().to_string();
+    assert!(pids.lines().count() == 1, "expected one Erlang VM, found {pids}");
+    pid
+}
+
+/// Resumes a SIGSTOPped broker however the test ends.
+struct ContinueOnDrop(String);
+
+impl Drop for ContinueOnDrop {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").args(["-CONT", &self.0]).status();
+    }
+}
+
+/// A broker that goes silent without closing anything (a network partition,
+/// a frozen VM) is noticed through missed heartbeats.
+#[tokio::test]
+async fn a_silent_broker_is_detected_by_missed_heartbeats() {
+    let _turn = OUTAGE.lock().await;
+    require_rabbitmq().await;
+    let exchange = unique_exchange("silent");
+    let backend = TestBackend::new().answer("bob", Answer::rooms(json!([{"user": 2}])));
+    let mut config = common::test_config(&backend.serve().await, &amqp_config(&exchange));
+    // The default; set here because the test depends on it.
+    config.broker.amqp.heartbeat_seconds = 2;
+    let gw = TestGateway::start(config).await;
+    gw.wait_ready(200).await;
+    let mut c = gw.client("bob").await;
+    assert_eq!(c.subscribe(json!({"user": 2}), json!("u")).await["code"], "success");
+
+    let pid = rabbitmq_pid();
+    let resume = ContinueOnDrop(pid.clone());
+    assert!(Command::new("kill").args(["-STOP", &pid]).status().expect("kill").success());
+    let frozen = Instant::now();
+    gw.wait_ready(503).await;
+    assert!(frozen.elapsed() < Duration::from_secs(6), "readiness took {:?} to fail", frozen.elapsed());
+    drop(resume);
+
+    gw.wait_ready(200).await;
+    assert_eq!(gw.trigger(&json!({"rooms": [{"user": 2}], "data": "thawed"})).await, 202);
+    assert_eq!(c.recv_json().await["data"], json!("thawed"));
     common::AmqpPublisher::connect().await.delete_exchange(&exchange).await;
 }
