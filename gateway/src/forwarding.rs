@@ -52,7 +52,9 @@ impl Sources {
 pub struct ForwardRule {
     /// Header name sent to the backend.
     pub header: String,
-    /// Where the value comes from.
+    /// Where the value comes from. Written as `{cookie: name}` maps (not
+    /// YAML tags), so a printed config reads back.
+    #[serde(with = "serde_yaml::with::singleton_map_recursive")]
     pub from: Sources,
     /// Template, `{}` replaced by the value; default: the value as is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -279,6 +281,19 @@ mod tests {
             Err(InvalidRule::HeaderName("bad header".into()))
         );
         assert_eq!(validate_rule(&rule("X-A", Sources::Many(vec![]))), Err(InvalidRule::NoSource));
+    }
+
+    #[test]
+    fn rules_round_trip_through_yaml() {
+        let rules = vec![ForwardRule {
+            header: "X-A".into(),
+            from: Sources::Many(vec![Source::Cookie("c".into()), Source::PeerAddress]),
+            format: Some("{}".into()),
+        }];
+        let yaml = serde_yaml::to_string(&rules).expect("yaml");
+        assert!(yaml.contains("cookie: c"), "{yaml}");
+        let back: Vec<ForwardRule> = serde_yaml::from_str(&yaml).expect("reads back");
+        assert_eq!(back, rules);
     }
 
     #[test]

@@ -1,0 +1,431 @@
+//! The `HighTemplar` custom resource (`hightemplar.io/v1alpha1`,
+//! DESIGN.md §5): spec, status, defaults and validation rules. The CRD YAML
+//! under `crds/` is generated from these types (`high-templar-operator crd`).
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Affinity, ResourceRequirements, Toleration};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+/// A websocket gateway tier in front of an existing HTTP API.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "hightemplar.io",
+    version = "v1alpha1",
+    kind = "HighTemplar",
+    plural = "hightemplars",
+    shortname = "ht",
+    namespaced,
+    status = "HighTemplarStatus",
+    derive = "PartialEq",
+    doc = "A high-templar websocket gateway: Deployment, Service, PDB, HPA and RabbitMQ exchange, reconciled by the high-templar operator.",
+    scale(
+        spec_replicas_path = ".spec.replicas",
+        status_replicas_path = ".status.replicas",
+        label_selector_path = ".status.selector"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status",
+        description = "Whether the gateway serves clients"
+    ),
+    printcolumn(
+        name = "Replicas",
+        type_ = "string",
+        json_path = ".status.replicaSummary",
+        description = "Ready replicas / desired replicas"
+    ),
+    printcolumn(
+        name = "Endpoint",
+        type_ = "string",
+        json_path = ".status.endpoint",
+        description = "In-cluster websocket URL"
+    ),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[x_kube(validation = Rule::new(
+    "has(self.rabbitmq) || (self.replicas <= 1 && !(has(self.autoscaling) && self.autoscaling.enabled))"
+).message("spec.rabbitmq is required when replicas > 1 or autoscaling is enabled: without RabbitMQ each replica only delivers the triggers sent to it"))]
+#[serde(rename_all = "camelCase")]
+pub struct HighTemplarSpec {
+    /// Gateway pods. Ignored while autoscaling is enabled.
+    #[serde(default = "default_replicas")]
+    #[schemars(range(min = 0, max = 1000))]
+    pub replicas: i32,
+    /// Gateway image; default: the operator's `--gateway-image`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Image pull policy of the gateway container (Always, IfNotPresent, Never).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self in ['Always', 'IfNotPresent', 'Never']").message("imagePullPolicy must be Always, IfNotPresent or Never"))]
+    pub image_pull_policy: Option<String>,
+    /// The existing API that authenticates users.
+    pub backend: BackendSpec,
+    /// RabbitMQ, required for more than one replica. Without it the gateway
+    /// uses its embedded broker.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rabbitmq: Option<RabbitmqSpec>,
+    /// `POST /trigger`; disabled when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trigger: Option<TriggerSpec>,
+    /// Per-pod limits.
+    #[serde(default)]
+    pub limits: LimitsSpec,
+    /// SIGTERM behaviour of the gateway pods.
+    #[serde(default)]
+    pub shutdown: ShutdownSpec,
+    /// The Service in front of the pods.
+    #[serde(default)]
+    pub service: ServiceSpec,
+    /// HorizontalPodAutoscaler on CPU.
+    #[serde(default)]
+    pub autoscaling: AutoscalingSpec,
+    /// PodDisruptionBudget, created when more than one replica may run.
+    #[serde(default)]
+    pub pod_disruption_budget: PodDisruptionBudgetSpec,
+    /// Container resources; default: requests 100m CPU / 128Mi, limit 512Mi memory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    /// Node selector of the gateway pods.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    /// Tolerations of the gateway pods.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<Toleration>,
+    /// Affinity of the gateway pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Affinity>,
+    /// Extra annotations of the gateway pods.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub pod_annotations: BTreeMap<String, String>,
+}
+
+fn default_replicas() -> i32 {
+    2
+}
+
+/// The backend's bootstrap endpoint.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct BackendSpec {
+    /// Base URL of the API, e.g. `http://api.default.svc:8000/api/`.
+    #[x_kube(validation = Rule::new("self.startsWith('http://')").message("backend.url must be an http:// URL"))]
+    pub url: String,
+    /// Path of the bootstrap call, relative to `url`.
+    #[serde(default = "default_bootstrap_path")]
+    #[x_kube(validation = Rule::new("!self.startsWith('/')").message("backend.bootstrapPath is relative to backend.url: no leading '/'"))]
+    pub bootstrap_path: String,
+    /// Timeout of the bootstrap call.
+    #[serde(default = "default_timeout")]
+    #[schemars(range(min = 1, max = 300))]
+    pub timeout_seconds: i32,
+    /// Extra request data to forward to the backend (added to the 3.x set).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub forward: Vec<ForwardRuleSpec>,
+}
+
+fn default_bootstrap_path() -> String {
+    "bootstrap/".into()
+}
+
+fn default_timeout() -> i32 {
+    5
+}
+
+/// Forward one header to the backend.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ForwardRuleSpec {
+    /// Header name sent to the backend (not `Host`).
+    #[x_kube(validation = Rule::new("self.lowerAscii() != 'host'").message("the Host header is never forwarded"))]
+    pub header: String,
+    /// Sources, the first present wins.
+    #[schemars(length(min = 1))]
+    pub from: Vec<ForwardSourceSpec>,
+    /// Template; `{}` is the value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<String>,
+}
+
+/// Exactly one of the fields.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[x_kube(validation = Rule::new(
+    "[has(self.header), has(self.cookie), has(self.query), has(self.value), has(self.peerAddress) && self.peerAddress].filter(x, x).size() == 1"
+).message("set exactly one of header, cookie, query, value, peerAddress"))]
+#[serde(rename_all = "camelCase")]
+pub struct ForwardSourceSpec {
+    /// A header of the client's upgrade request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header: Option<String>,
+    /// A cookie of the client.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cookie: Option<String>,
+    /// A query parameter of the websocket URL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query: Option<String>,
+    /// A fixed value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
+    /// The client's IP address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_address: Option<bool>,
+}
+
+/// A key of a Secret in the HighTemplar's namespace.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct SecretKeyRef {
+    /// Secret name.
+    #[schemars(length(min = 1))]
+    pub name: String,
+    /// Key within the Secret.
+    #[schemars(length(min = 1))]
+    pub key: String,
+}
+
+/// What happens to the exchange when the HighTemplar is deleted.
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum DeletionPolicy {
+    /// Leave the exchange (other gateways or publishers may use it).
+    #[default]
+    Retain,
+    /// Delete the exchange with the HighTemplar.
+    Delete,
+}
+
+/// RabbitMQ connection and topology.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RabbitmqSpec {
+    /// Secret key holding `amqp://user:pass@host:5672/vhost`.
+    pub url_secret_ref: SecretKeyRef,
+    /// Exchange triggers are published to (3.x: `hightemplar`).
+    #[serde(default = "default_exchange")]
+    #[schemars(length(min = 1, max = 255))]
+    pub exchange: String,
+    /// Declare the exchange durable.
+    #[serde(default = "default_true")]
+    pub durable: bool,
+    /// `Retain` (default) or `Delete` the exchange with this resource.
+    #[serde(default)]
+    pub deletion_policy: DeletionPolicy,
+}
+
+fn default_exchange() -> String {
+    "hightemplar".into()
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// `POST /trigger`.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TriggerSpec {
+    /// Secret key holding the bearer token.
+    pub token_secret_ref: SecretKeyRef,
+}
+
+/// Per-pod limits of the gateway.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct LimitsSpec {
+    /// Websocket connections per pod.
+    #[serde(default = "default_max_connections")]
+    #[schemars(range(min = 1))]
+    pub max_connections: i64,
+    /// Subscriptions per connection.
+    #[serde(default = "default_max_subscriptions")]
+    #[schemars(range(min = 1))]
+    pub max_subscriptions_per_connection: i64,
+    /// Largest client message, bytes.
+    #[serde(default = "default_max_message_bytes")]
+    #[schemars(range(min = 16))]
+    pub max_message_bytes: i64,
+    /// Idle timeout of a connection, seconds.
+    #[serde(default = "default_idle_timeout")]
+    #[schemars(range(min = 1))]
+    pub idle_timeout_seconds: i64,
+}
+
+fn default_max_connections() -> i64 {
+    50_000
+}
+fn default_max_subscriptions() -> i64 {
+    1_000
+}
+fn default_max_message_bytes() -> i64 {
+    65_536
+}
+fn default_idle_timeout() -> i64 {
+    300
+}
+
+impl Default for LimitsSpec {
+    fn default() -> Self {
+        LimitsSpec {
+            max_connections: default_max_connections(),
+            max_subscriptions_per_connection: default_max_subscriptions(),
+            max_message_bytes: default_max_message_bytes(),
+            idle_timeout_seconds: default_idle_timeout(),
+        }
+    }
+}
+
+/// Graceful shutdown of the gateway pods.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ShutdownSpec {
+    /// Readiness 503 → first websocket close, seconds.
+    #[serde(default = "default_drain_delay")]
+    #[schemars(range(min = 0, max = 600))]
+    pub drain_delay_seconds: i32,
+    /// Websockets are closed over this window, seconds.
+    #[serde(default = "default_close_window")]
+    #[schemars(range(min = 0, max = 600))]
+    pub close_window_seconds: i32,
+}
+
+fn default_drain_delay() -> i32 {
+    5
+}
+fn default_close_window() -> i32 {
+    10
+}
+
+impl Default for ShutdownSpec {
+    fn default() -> Self {
+        ShutdownSpec { drain_delay_seconds: default_drain_delay(), close_window_seconds: default_close_window() }
+    }
+}
+
+/// Service type.
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum ServiceType {
+    /// In-cluster only (put an Ingress in front).
+    #[default]
+    ClusterIP,
+    /// A port on every node.
+    NodePort,
+    /// A cloud load balancer.
+    LoadBalancer,
+}
+
+/// The Service in front of the gateway pods.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceSpec {
+    /// Service type.
+    #[serde(default, rename = "type")]
+    pub type_: ServiceType,
+    /// Service port (the pods listen on 8080).
+    #[serde(default = "default_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: i32,
+    /// Annotations of the Service (load balancer settings and the like).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+}
+
+fn default_port() -> i32 {
+    80
+}
+
+impl Default for ServiceSpec {
+    fn default() -> Self {
+        ServiceSpec { type_: ServiceType::default(), port: default_port(), annotations: BTreeMap::new() }
+    }
+}
+
+/// CPU-based autoscaling.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(validation = Rule::new("self.minReplicas <= self.maxReplicas").message("autoscaling.minReplicas must not exceed autoscaling.maxReplicas"))]
+#[serde(rename_all = "camelCase")]
+pub struct AutoscalingSpec {
+    /// Create a HorizontalPodAutoscaler (then `replicas` is the HPA's to set).
+    #[serde(default)]
+    pub enabled: bool,
+    /// Fewest replicas.
+    #[serde(default = "default_min_replicas")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub min_replicas: i32,
+    /// Most replicas.
+    #[serde(default = "default_max_replicas")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub max_replicas: i32,
+    /// Average CPU utilisation target, percent of requests.
+    #[serde(default = "default_cpu_target", rename = "targetCPUUtilizationPercentage")]
+    #[schemars(range(min = 1, max = 100))]
+    pub target_cpu_utilization_percentage: i32,
+}
+
+fn default_min_replicas() -> i32 {
+    2
+}
+fn default_max_replicas() -> i32 {
+    10
+}
+fn default_cpu_target() -> i32 {
+    70
+}
+
+impl Default for AutoscalingSpec {
+    fn default() -> Self {
+        AutoscalingSpec {
+            enabled: false,
+            min_replicas: default_min_replicas(),
+            max_replicas: default_max_replicas(),
+            target_cpu_utilization_percentage: default_cpu_target(),
+        }
+    }
+}
+
+/// PodDisruptionBudget settings.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PodDisruptionBudgetSpec {
+    /// Pods that may be unavailable during voluntary disruptions (number or percentage).
+    #[serde(default = "default_max_unavailable")]
+    pub max_unavailable: IntOrString,
+}
+
+fn default_max_unavailable() -> IntOrString {
+    IntOrString::Int(1)
+}
+
+impl Default for PodDisruptionBudgetSpec {
+    fn default() -> Self {
+        PodDisruptionBudgetSpec { max_unavailable: default_max_unavailable() }
+    }
+}
+
+/// Observed state, written by the operator.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct HighTemplarStatus {
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Gateway pods (from the Deployment).
+    #[serde(default)]
+    pub replicas: i32,
+    /// Gateway pods ready.
+    #[serde(default)]
+    pub ready_replicas: i32,
+    /// `ready/desired`, for `kubectl get ht`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica_summary: Option<String>,
+    /// In-cluster websocket URL: `ws://<service>.<namespace>.svc:<port>/ws/`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// Label selector of the pods (scale subresource).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
+    /// `Ready`, `BrokerReady`, `Available`, `Degraded`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}

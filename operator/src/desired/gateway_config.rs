@@ -1,0 +1,78 @@
+//! The gateway configuration a `HighTemplar` asks for: the YAML the
+//! ConfigMap carries. Secrets (AMQP URL, trigger token) are not in it; the
+//! Deployment passes them as environment variables from their Secrets.
+
+use high_templar_gateway::config::{BrokerKind, Config, Listen, seconds};
+use high_templar_gateway::forwarding::{ForwardRule, Source, Sources};
+
+use crate::crd::{ForwardSourceSpec, HighTemplarSpec};
+
+/// Port the gateway listens on inside the pod.
+pub const GATEWAY_PORT: u16 = 8080;
+
+/// Path of the config file inside the pod.
+pub const CONFIG_PATH: &str = "/etc/high-templar/config.yaml";
+
+fn source(spec: &ForwardSourceSpec) -> Option<Source> {
+    // The CRD's CEL rule guarantees exactly one field is set.
+    if let Some(h) = &spec.header {
+        Some(Source::Header(h.clone()))
+    } else if let Some(c) = &spec.cookie {
+        Some(Source::Cookie(c.clone()))
+    } else if let Some(q) = &spec.query {
+        Some(Source::Query(q.clone()))
+    } else if let Some(v) = &spec.value {
+        Some(Source::Value(v.clone()))
+    } else if spec.peer_address == Some(true) {
+        Some(Source::PeerAddress)
+    } else {
+        None
+    }
+}
+
+/// The gateway configuration for `spec`.
+pub fn gateway_config(spec: &HighTemplarSpec) -> Config {
+    let mut c =
+        Config { listen: Listen(std::net::SocketAddr::from(([0, 0, 0, 0], GATEWAY_PORT))), ..Config::default() };
+    c.backend.url = Some(spec.backend.url.clone());
+    c.backend.bootstrap_path = spec.backend.bootstrap_path.clone();
+    c.backend.timeout_seconds = f64::from(spec.backend.timeout_seconds);
+    c.backend.forward = spec
+        .backend
+        .forward
+        .iter()
+        .map(|rule| ForwardRule {
+            header: rule.header.clone(),
+            from: Sources::Many(rule.from.iter().filter_map(source).collect()),
+            format: rule.format.clone(),
+        })
+        .collect();
+    if let Some(rabbitmq) = &spec.rabbitmq {
+        c.broker.kind = BrokerKind::Amqp;
+        c.broker.amqp.exchange = rabbitmq.exchange.clone();
+        c.broker.amqp.exchange_durable = rabbitmq.durable;
+    }
+    let limits = &spec.limits;
+    c.limits.max_connections = usize::try_from(limits.max_connections).unwrap_or(usize::MAX);
+    c.limits.max_subscriptions_per_connection =
+        usize::try_from(limits.max_subscriptions_per_connection).unwrap_or(usize::MAX);
+    c.limits.max_message_bytes = usize::try_from(limits.max_message_bytes).unwrap_or(usize::MAX);
+    c.limits.idle_timeout_seconds = limits.idle_timeout_seconds as f64;
+    c.shutdown.drain_delay_seconds = f64::from(spec.shutdown.drain_delay_seconds);
+    c.shutdown.close_window_seconds = f64::from(spec.shutdown.close_window_seconds);
+    c
+}
+
+/// The ConfigMap's `config.yaml`.
+pub fn gateway_config_yaml(spec: &HighTemplarSpec) -> String {
+    // Serialising plain data structures to YAML cannot fail.
+    serde_yaml::to_string(&gateway_config(spec)).unwrap_or_default()
+}
+
+/// Seconds a gateway pod needs to shut down: drain delay, close window,
+/// and margin for the last close frames.
+pub fn termination_grace_seconds(spec: &HighTemplarSpec) -> i64 {
+    let window =
+        seconds(f64::from(spec.shutdown.drain_delay_seconds)) + seconds(f64::from(spec.shutdown.close_window_seconds));
+    (window.as_secs() as i64 + 10).max(30)
+}

@@ -1,0 +1,266 @@
+//! Unit tests of the desired-object builders, with a builder-style fixture.
+
+use high_templar_gateway::config::{BrokerKind, Config};
+
+use super::*;
+use crate::crd::{
+    AutoscalingSpec, BackendSpec, DeletionPolicy, ForwardRuleSpec, ForwardSourceSpec, HighTemplarSpec, LimitsSpec,
+    PodDisruptionBudgetSpec, RabbitmqSpec, SecretKeyRef, ServiceSpec, ShutdownSpec, TriggerSpec,
+};
+
+/// Builds `HighTemplar` fixtures: `Fixture::new("chat").rabbitmq().build()`.
+pub(crate) struct Fixture {
+    ht: HighTemplar,
+}
+
+impl Fixture {
+    pub(crate) fn new(name: &str) -> Fixture {
+        let spec = HighTemplarSpec {
+            replicas: 1,
+            image: None,
+            image_pull_policy: None,
+            backend: BackendSpec {
+                url: "http://api.default.svc:8000/api/".into(),
+                bootstrap_path: "bootstrap/".into(),
+                timeout_seconds: 5,
+                forward: vec![],
+            },
+            rabbitmq: None,
+            trigger: None,
+            limits: LimitsSpec::default(),
+            shutdown: ShutdownSpec::default(),
+            service: ServiceSpec::default(),
+            autoscaling: AutoscalingSpec::default(),
+            pod_disruption_budget: PodDisruptionBudgetSpec::default(),
+            resources: None,
+            node_selector: Default::default(),
+            tolerations: vec![],
+            affinity: None,
+            pod_annotations: Default::default(),
+        };
+        let mut ht = HighTemplar::new(name, spec);
+        ht.metadata.namespace = Some("apps".into());
+        ht.metadata.uid = Some("0000-uid".into());
+        Fixture { ht }
+    }
+
+    pub(crate) fn replicas(mut self, n: i32) -> Fixture {
+        self.ht.spec.replicas = n;
+        self
+    }
+
+    pub(crate) fn rabbitmq(mut self) -> Fixture {
+        self.ht.spec.rabbitmq = Some(RabbitmqSpec {
+            url_secret_ref: SecretKeyRef { name: "rabbitmq".into(), key: "url".into() },
+            exchange: "hightemplar".into(),
+            durable: true,
+            deletion_policy: DeletionPolicy::Retain,
+        });
+        self
+    }
+
+    pub(crate) fn trigger(mut self) -> Fixture {
+        self.ht.spec.trigger =
+            Some(TriggerSpec { token_secret_ref: SecretKeyRef { name: "ht-trigger".into(), key: "token".into() } });
+        self
+    }
+
+    pub(crate) fn autoscaling(mut self, min: i32, max: i32) -> Fixture {
+        self.ht.spec.autoscaling = AutoscalingSpec {
+            enabled: true,
+            min_replicas: min,
+            max_replicas: max,
+            target_cpu_utilization_percentage: 60,
+        };
+        self
+    }
+
+    pub(crate) fn with(mut self, f: impl FnOnce(&mut HighTemplarSpec)) -> Fixture {
+        f(&mut self.ht.spec);
+        self
+    }
+
+    pub(crate) fn build(self) -> HighTemplar {
+        self.ht
+    }
+}
+
+fn inputs() -> Inputs {
+    Inputs { default_image: "high-templar-gateway:test".into(), secrets_hash: "abc".into() }
+}
+
+fn parse_config(ht: &HighTemplar) -> Config {
+    let yaml = &config_map(ht).data.expect("data")[CONFIG_KEY];
+    Config::from_yaml(yaml).expect("the gateway reads the operator's config")
+}
+
+#[test]
+fn config_map_is_a_valid_gateway_config() {
+    let ht = Fixture::new("chat")
+        .replicas(3)
+        .rabbitmq()
+        .trigger()
+        .with(|s| {
+            s.rabbitmq.as_mut().expect("rabbitmq").exchange = "events".into();
+            s.rabbitmq.as_mut().expect("rabbitmq").durable = false;
+            s.limits.max_connections = 1234;
+            s.backend.forward = vec![ForwardRuleSpec {
+                header: "X-Tenant".into(),
+                from: vec![
+                    ForwardSourceSpec { cookie: Some("tenant".into()), ..Default::default() },
+                    ForwardSourceSpec { peer_address: Some(true), ..Default::default() },
+                ],
+                format: Some("t={}".into()),
+            }];
+        })
+        .build();
+    let mut config = parse_config(&ht);
+    assert_eq!(config.broker.kind, BrokerKind::Amqp);
+    assert_eq!(config.broker.amqp.exchange, "events");
+    assert!(!config.broker.amqp.exchange_durable);
+    assert_eq!(config.limits.max_connections, 1234);
+    assert_eq!(config.listen.0.port(), GATEWAY_PORT);
+    assert_eq!(config.backend.forward.len(), 1);
+    assert!(config.broker.amqp.url.is_none(), "the AMQP URL (a secret) is not in the ConfigMap");
+    assert!(config.trigger.token.is_none(), "the trigger token is not in the ConfigMap");
+    // With the URL from the environment, as in the pod, it validates.
+    config.broker.amqp.url = Some(high_templar_gateway::config::Secret("amqp://u:p@rabbitmq:5672/%2f".into()));
+    config.validate().expect("valid gateway config");
+}
+
+#[test]
+fn memory_broker_without_rabbitmq() {
+    let config = parse_config(&Fixture::new("solo").build());
+    assert_eq!(config.broker.kind, BrokerKind::Memory);
+    config.validate().expect("valid");
+}
+
+#[test]
+fn objects_are_owned_and_labelled() {
+    let ht = Fixture::new("chat").replicas(2).rabbitmq().build();
+    let metas = [
+        config_map(&ht).metadata,
+        deployment(&ht, &inputs()).metadata,
+        service(&ht).metadata,
+        pod_disruption_budget(&ht).expect("pdb").metadata,
+    ];
+    for m in metas {
+        assert_eq!(m.name.as_deref(), Some("chat"));
+        assert_eq!(m.namespace.as_deref(), Some("apps"));
+        let owners = m.owner_references.expect("owner refs");
+        assert_eq!(owners.len(), 1);
+        assert_eq!(owners[0].kind, "HighTemplar");
+        assert_eq!(owners[0].controller, Some(true));
+        assert_eq!(m.labels.expect("labels")["app.kubernetes.io/instance"], "chat");
+    }
+}
+
+#[test]
+fn deployment_runs_the_gateway_safely() {
+    let ht = Fixture::new("chat").replicas(3).rabbitmq().trigger().build();
+    let d = deployment(&ht, &inputs());
+    let spec = d.spec.expect("spec");
+    assert_eq!(spec.replicas, Some(3));
+    let template = spec.template;
+    let pod = template.spec.expect("pod");
+    let c = &pod.containers[0];
+    assert_eq!(c.image.as_deref(), Some("high-templar-gateway:test"));
+    assert_eq!(
+        c.args.as_deref(),
+        Some(&["serve".to_string(), "--config".into(), "/etc/high-templar/config.yaml".into()][..])
+    );
+    let probe_path = |p: &Option<k8s_openapi::api::core::v1::Probe>| {
+        p.as_ref().and_then(|p| p.http_get.as_ref()).and_then(|g| g.path.clone())
+    };
+    assert_eq!(probe_path(&c.readiness_probe).as_deref(), Some("/readyz"));
+    assert_eq!(probe_path(&c.liveness_probe).as_deref(), Some("/healthz"));
+    let sc = c.security_context.as_ref().expect("security context");
+    assert_eq!(sc.run_as_non_root, Some(true));
+    assert_eq!(sc.read_only_root_filesystem, Some(true));
+    assert_eq!(sc.allow_privilege_escalation, Some(false));
+    assert_eq!(sc.capabilities.as_ref().and_then(|c| c.drop.clone()), Some(vec!["ALL".to_string()]));
+    assert_eq!(sc.seccomp_profile.as_ref().map(|s| s.type_.as_str()), Some("RuntimeDefault"));
+    let env = c.env.as_ref().expect("env");
+    let secret_of = |name: &str| {
+        env.iter()
+            .find(|e| e.name == name)
+            .and_then(|e| e.value_from.as_ref())
+            .and_then(|v| v.secret_key_ref.as_ref())
+            .map(|s| (s.name.clone(), s.key.clone()))
+    };
+    assert_eq!(secret_of("HT_AMQP_URL"), Some(("rabbitmq".into(), "url".into())));
+    assert_eq!(secret_of("HT_TRIGGER_TOKEN"), Some(("ht-trigger".into(), "token".into())));
+    assert!(c.resources.as_ref().and_then(|r| r.requests.as_ref()).is_some(), "resource requests by default");
+    let spread = pod.topology_spread_constraints.expect("spread");
+    assert_eq!(spread[0].topology_key, "kubernetes.io/hostname");
+    assert!(pod.termination_grace_period_seconds.expect("grace") >= 5 + 10);
+    let annotations = template.metadata.expect("meta").annotations.expect("annotations");
+    assert_eq!(annotations[SECRETS_HASH_ANNOTATION], "abc");
+    assert_eq!(annotations[CONFIG_HASH_ANNOTATION].len(), 64);
+}
+
+#[test]
+fn rollout_annotations_follow_config_and_secrets() {
+    let annotations = |ht: &HighTemplar, secrets: &str| {
+        let inputs = Inputs { secrets_hash: secrets.into(), ..inputs() };
+        deployment(ht, &inputs).spec.expect("spec").template.metadata.expect("meta").annotations.expect("a")
+    };
+    let a = Fixture::new("chat").build();
+    let b = Fixture::new("chat").with(|s| s.limits.max_connections = 7).build();
+    assert_ne!(annotations(&a, "x")[CONFIG_HASH_ANNOTATION], annotations(&b, "x")[CONFIG_HASH_ANNOTATION]);
+    assert_eq!(annotations(&a, "x")[CONFIG_HASH_ANNOTATION], annotations(&a, "y")[CONFIG_HASH_ANNOTATION]);
+    assert_ne!(annotations(&a, "x")[SECRETS_HASH_ANNOTATION], annotations(&a, "y")[SECRETS_HASH_ANNOTATION]);
+}
+
+#[test]
+fn pdb_only_when_more_than_one_replica_may_run() {
+    assert!(pod_disruption_budget(&Fixture::new("a").replicas(1).build()).is_none());
+    assert!(pod_disruption_budget(&Fixture::new("a").replicas(2).rabbitmq().build()).is_some());
+    assert!(pod_disruption_budget(&Fixture::new("a").replicas(1).rabbitmq().autoscaling(1, 3).build()).is_some());
+}
+
+#[test]
+fn hpa_owns_replicas_when_enabled() {
+    let ht = Fixture::new("a").rabbitmq().autoscaling(2, 8).build();
+    let hpa = horizontal_pod_autoscaler(&ht).expect("hpa");
+    let spec = hpa.spec.expect("spec");
+    assert_eq!((spec.min_replicas, spec.max_replicas), (Some(2), 8));
+    assert_eq!(spec.scale_target_ref.name, "a");
+    assert_eq!(deployment(&ht, &inputs()).spec.expect("spec").replicas, None, "the HPA sets replicas");
+    assert!(horizontal_pod_autoscaler(&Fixture::new("a").build()).is_none());
+}
+
+#[test]
+fn service_and_endpoint() {
+    let ht = Fixture::new("chat")
+        .with(|s| {
+            s.service.port = 8081;
+            s.service.annotations.insert("lb".into(), "internal".into());
+        })
+        .build();
+    let svc = service(&ht);
+    let spec = svc.spec.expect("spec");
+    assert_eq!(spec.type_.as_deref(), Some("ClusterIP"));
+    assert_eq!(spec.ports.expect("ports")[0].port, 8081);
+    assert_eq!(spec.selector, Some(selector_labels(&ht)));
+    assert_eq!(svc.metadata.annotations.expect("annotations")["lb"], "internal");
+    assert_eq!(endpoint(&ht), "ws://chat.apps.svc:8081/ws/");
+    assert_eq!(selector_string(&ht), "app.kubernetes.io/instance=chat,app.kubernetes.io/name=high-templar");
+}
+
+#[test]
+fn spec_image_and_pod_settings_win() {
+    let ht = Fixture::new("chat")
+        .with(|s| {
+            s.image = Some("registry.example/ht:1".into());
+            s.node_selector.insert("pool".into(), "ws".into());
+            s.pod_annotations.insert("team".into(), "rt".into());
+        })
+        .build();
+    let d = deployment(&ht, &inputs());
+    let template = d.spec.expect("spec").template;
+    let pod = template.spec.expect("pod");
+    assert_eq!(pod.containers[0].image.as_deref(), Some("registry.example/ht:1"));
+    assert_eq!(pod.node_selector.expect("selector")["pool"], "ws");
+    assert_eq!(template.metadata.expect("meta").annotations.expect("a")["team"], "rt");
+}
