@@ -1,12 +1,36 @@
 //! high-templar operator: reconciles `HighTemplar` resources into gateway
-//! Deployments, Services, ConfigMaps, PDBs, HPAs and the RabbitMQ exchange.
+//! Deployments, Services, ConfigMaps, PDBs, HPAs and the RabbitMQ exchange
+//! (DESIGN.md §5).
 //!
 //! # Module map
 //!
-//! - [`crd`]: the `HighTemplar` resource (spec, status, validation).
-//! - [`desired`]: pure builders of the objects a resource asks for.
+//! Pure (no I/O, unit-tested):
+//! - [`crd`]: the `HighTemplar` resource: spec, status, defaults, CEL rules.
+//! - [`desired`]: builders of the objects a resource asks for, and the
+//!   gateway configuration it implies.
+//! - [`status`]: conditions from what a reconciliation observed.
+//!
+//! I/O at the edges:
+//! - [`reconcile`]: `Context`, `reconcile`, `error_policy`, finalizer.
+//! - [`rabbitmq`]: declaring and deleting the exchange.
+//! - [`controller`]: watches (owned objects, referenced Secrets) and the run loop.
+//! - [`metrics`]: operator metrics.
 
 #![forbid(unsafe_code)]
 
+pub mod controller;
 pub mod crd;
 pub mod desired;
+pub mod metrics;
+pub mod rabbitmq;
+pub mod reconcile;
+pub mod status;
+
+use kube::CustomResourceExt;
+
+/// The CustomResourceDefinition as YAML (`high-templar-operator crd`, and
+/// the file under `crds/`).
+pub fn crd_yaml() -> String {
+    // Serialising a CRD built from static types to YAML cannot fail.
+    serde_yaml::to_string(&crd::HighTemplar::crd()).unwrap_or_default()
+}

@@ -1,0 +1,70 @@
+//! Operator metrics (`/metrics`), prefixed `hightemplar_operator_`.
+
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// A `reason` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Reason {
+    /// Why the reconciliation failed.
+    pub reason: &'static str,
+}
+
+/// Metrics of the operator process.
+pub struct Metrics {
+    /// The registry of the families below.
+    registry: Registry,
+    /// Reconciliations run.
+    pub reconciliations: Counter,
+    /// Failed reconciliations, by reason.
+    pub failures: Family<Reason, Counter>,
+    /// Duration of reconciliations, seconds.
+    pub duration: Histogram,
+    /// 1 while this replica holds the leader Lease.
+    pub leader: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Every family registered.
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("hightemplar_operator");
+        let reconciliations = Counter::default();
+        let failures = Family::default();
+        let duration = Histogram::new(exponential_buckets(0.005, 2.0, 14));
+        let leader = Gauge::default();
+        registry.register("reconciliations", "Reconciliations run", reconciliations.clone());
+        registry.register("reconcile_failures", "Failed reconciliations", failures.clone());
+        registry.register("reconcile_duration_seconds", "Duration of reconciliations", duration.clone());
+        registry.register("leader", "1 while this replica holds the leader Lease", leader.clone());
+        Metrics { registry, reconciliations, failures, duration, leader }
+    }
+
+    /// Records one reconciliation.
+    pub fn observe(&self, took: Duration, failure: Option<&'static str>) {
+        self.reconciliations.inc();
+        self.duration.observe(took.as_secs_f64());
+        if let Some(reason) = failure {
+            self.failures.get_or_create(&Reason { reason }).inc();
+        }
+    }
+
+    /// Text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
