@@ -125,6 +125,7 @@ pub struct BackendSpec {
     pub timeout_seconds: i32,
     /// Extra request data to forward to the backend (added to the 3.x set).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
     pub forward: Vec<ForwardRuleSpec>,
 }
 
@@ -142,12 +143,14 @@ fn default_timeout() -> i32 {
 pub struct ForwardRuleSpec {
     /// Header name sent to the backend (not `Host`).
     #[x_kube(validation = Rule::new("self.lowerAscii() != 'host'").message("the Host header is never forwarded"))]
+    #[schemars(length(min = 1, max = 128))]
     pub header: String,
     /// Sources, the first present wins.
-    #[schemars(length(min = 1))]
+    #[schemars(length(min = 1, max = 4))]
     pub from: Vec<ForwardSourceSpec>,
     /// Template; `{}` is the value.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 256))]
     pub format: Option<String>,
 }
 
@@ -160,15 +163,19 @@ pub struct ForwardRuleSpec {
 pub struct ForwardSourceSpec {
     /// A header of the client's upgrade request.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 256))]
     pub header: Option<String>,
     /// A cookie of the client.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 256))]
     pub cookie: Option<String>,
     /// A query parameter of the websocket URL.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 256))]
     pub query: Option<String>,
     /// A fixed value.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 256))]
     pub value: Option<String>,
     /// The client's IP address.
     #[serde(default, skip_serializing_if = "Option::is_none")]

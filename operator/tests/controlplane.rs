@@ -1,0 +1,412 @@
+//! The operator against a real control plane (kube-apiserver + etcd +
+//! kube-controller-manager, no kubelet) and a real RabbitMQ. `tests/run`
+//! starts the control plane and sets `HT_TEST_KUBECONFIG`. Each test works
+//! in a namespace of its own with its own controller watching it.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use high_templar_operator::crd::{HighTemplar, HighTemplarStatus};
+use high_templar_operator::desired::{CONFIG_HASH_ANNOTATION, CONFIG_KEY, SECRETS_HASH_ANNOTATION};
+use high_templar_operator::metrics::Metrics;
+use high_templar_operator::reconcile::{FINALIZER, Settings};
+use k8s_openapi::ByteString;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Event, Namespace, Secret, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Api, Client, CustomResourceExt, ResourceExt};
+use serde_json::{Value, json};
+use tokio::sync::oneshot;
+
+const WAIT: Duration = Duration::from_secs(30);
+const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+async fn client() -> Client {
+    let path = std::env::var("HT_TEST_KUBECONFIG").unwrap_or_else(|_| {
+        panic!(
+            "HT_TEST_KUBECONFIG is not set: these tests need the test control plane. Run tests/run, which builds and \
+             starts kube-apiserver + etcd, or: W=$(mktemp -d); tests/controlplane/start.sh $W; \
+             export HT_TEST_KUBECONFIG=$W/kubeconfig"
+        )
+    });
+    let kubeconfig = Kubeconfig::read_from(&path).expect("read the test kubeconfig");
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .expect("kubeconfig usable");
+    Client::try_from(config).expect("client")
+}
+
+async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// One test's namespace, with the CRD installed and a controller running.
+struct Env {
+    client: Client,
+    ns: String,
+    stop: Option<oneshot::Sender<()>>,
+    controller: Option<tokio::task::JoinHandle<()>>,
+}
+
+static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+async fn install_crd(client: &Client) {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let crd = HighTemplar::crd();
+    crds.patch(&crd.name_any(), &PatchParams::apply("high-templar-tests").force(), &Patch::Apply(&crd))
+        .await
+        .expect("the apiserver accepts the CRD");
+    eventually("CRD established", || async {
+        let crd = crds.get("hightemplars.hightemplar.io").await.ok()?;
+        let established = crd.status?.conditions?.iter().any(|c| c.type_ == "Established" && c.status == "True");
+        established.then_some(())
+    })
+    .await;
+}
+
+impl Env {
+    async fn new(test: &str) -> Env {
+        let client = client().await;
+        install_crd(&client).await;
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let ns = format!("{test}-{}-{n}", std::process::id());
+        let namespaces: Api<Namespace> = Api::all(client.clone());
+        namespaces
+            .create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": ns}})).expect("ns"))
+            .await
+            .expect("create namespace");
+        let mut env = Env { client, ns, stop: None, controller: None };
+        env.start_controller();
+        env
+    }
+
+    fn start_controller(&mut self) {
+        let (stop, stopped) = oneshot::channel::<()>();
+        let settings = Settings { gateway_image: "high-templar-gateway:test".into() };
+        self.controller = Some(tokio::spawn(high_templar_operator::controller::run(
+            self.client.clone(),
+            Some(self.ns.clone()),
+            settings,
+            Arc::new(Metrics::new()),
+            async move {
+                let _ = stopped.await;
+            },
+        )));
+        self.stop = Some(stop);
+    }
+
+    fn api<K>(&self) -> Api<K>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+    {
+        Api::namespaced(self.client.clone(), &self.ns)
+    }
+
+    async fn secret(&self, name: &str, key: &str, value: &str) {
+        let secret = Secret {
+            metadata: kube::api::ObjectMeta { name: Some(name.into()), ..Default::default() },
+            data: Some(BTreeMap::from([(key.to_string(), ByteString(value.as_bytes().to_vec()))])),
+            ..Default::default()
+        };
+        self.api::<Secret>()
+            .patch(name, &PatchParams::apply("high-templar-tests").force(), &Patch::Apply(&secret))
+            .await
+            .expect("apply secret");
+    }
+
+    /// Applies a HighTemplar from JSON (the way `kubectl apply` would).
+    async fn apply(&self, name: &str, spec: Value) -> Result<HighTemplar, kube::Error> {
+        let obj = json!({
+            "apiVersion": "hightemplar.io/v1alpha1",
+            "kind": "HighTemplar",
+            "metadata": {"name": name},
+            "spec": spec,
+        });
+        self.api::<HighTemplar>()
+            .patch(name, &PatchParams::apply("high-templar-tests").force(), &Patch::Apply(&obj))
+            .await
+    }
+
+    async fn status_where(&self, name: &str, what: &str, f: impl Fn(&HighTemplarStatus) -> bool) -> HighTemplarStatus {
+        let api = self.api::<HighTemplar>();
+        eventually(what, || async {
+            let ht = api.get(name).await.ok()?;
+            let status = ht.status?;
+            f(&status).then_some(status)
+        })
+        .await
+    }
+
+    async fn finish(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(c) = self.controller.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), c).await;
+        }
+        let namespaces: Api<Namespace> = Api::all(self.client.clone());
+        let _ = namespaces.delete(&self.ns, &DeleteParams::default()).await;
+    }
+}
+
+fn condition<'a>(s: &'a HighTemplarStatus, t: &str) -> (&'a str, &'a str) {
+    let c = s.conditions.iter().find(|c| c.type_ == t).unwrap_or_else(|| panic!("no {t} condition in {s:?}"));
+    (c.status.as_str(), c.reason.as_str())
+}
+
+fn unique_exchange(test: &str) -> String {
+    format!("ht-op-{test}-{}-{}", std::process::id(), NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+}
+
+async fn exchange_exists(exchange: &str) -> bool {
+    let conn = lapin::Connection::connect(AMQP_URL, lapin::ConnectionProperties::default())
+        .await
+        .expect("RabbitMQ on 127.0.0.1:5672 (tests/run starts it)");
+    let channel = conn.create_channel().await.expect("channel");
+    let passive = lapin::options::ExchangeDeclareOptions { passive: true, ..Default::default() };
+    let exists = channel
+        .exchange_declare(exchange.into(), lapin::ExchangeKind::Direct, passive, lapin::types::FieldTable::default())
+        .await
+        .is_ok();
+    let _ = conn.close(200, "done".into()).await;
+    exists
+}
+
+fn spec(exchange: &str, policy: &str) -> Value {
+    json!({
+        "replicas": 2,
+        "backend": {"url": "http://api.example.svc:8000/api/"},
+        "rabbitmq": {"urlSecretRef": {"name": "rabbitmq", "key": "url"}, "exchange": exchange, "deletionPolicy": policy},
+        "trigger": {"tokenSecretRef": {"name": "ht-trigger", "key": "token"}},
+    })
+}
+
+fn pod_annotation(d: &Deployment, key: &str) -> String {
+    d.spec
+        .as_ref()
+        .and_then(|s| s.template.metadata.as_ref())
+        .and_then(|m| m.annotations.as_ref())
+        .and_then(|a| a.get(key))
+        .cloned()
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn reconciles_objects_status_and_rollouts() {
+    let env = Env::new("reconcile").await;
+    let exchange = unique_exchange("reconcile");
+    env.secret("rabbitmq", "url", AMQP_URL).await;
+    env.secret("ht-trigger", "token", "first-token").await;
+    let ht = env.apply("chat", spec(&exchange, "Retain")).await.expect("valid HighTemplar");
+    assert_eq!(ht.spec.backend.bootstrap_path, "bootstrap/", "the apiserver applied the schema defaults");
+
+    let deployments = env.api::<Deployment>();
+    let d = eventually("Deployment", || async { deployments.get_opt("chat").await.ok().flatten() }).await;
+    let owner = &d.owner_references()[0];
+    assert_eq!((owner.kind.as_str(), owner.name.as_str(), owner.controller), ("HighTemplar", "chat", Some(true)));
+    assert_eq!(d.spec.as_ref().and_then(|s| s.replicas), Some(2));
+    let cm = env.api::<ConfigMap>().get("chat").await.expect("ConfigMap");
+    let config_yaml = cm.data.as_ref().expect("data")[CONFIG_KEY].clone();
+    let config = high_templar_gateway::config::Config::from_yaml(&config_yaml).expect("a gateway config");
+    assert_eq!(config.broker.amqp.exchange, exchange);
+    let svc = env.api::<Service>().get("chat").await.expect("Service");
+    assert_eq!(svc.spec.as_ref().and_then(|s| s.ports.as_ref()).expect("ports")[0].port, 80);
+    env.api::<PodDisruptionBudget>().get("chat").await.expect("PDB for 2 replicas");
+
+    let status = env
+        .status_where("chat", "BrokerReady condition", |s| s.conditions.iter().any(|c| c.type_ == "BrokerReady"))
+        .await;
+    assert_eq!(condition(&status, "BrokerReady"), ("True", "ExchangeDeclared"));
+    // No kubelet: pods never run, so the gateway is not available.
+    assert_eq!(condition(&status, "Available").0, "False");
+    assert_eq!(condition(&status, "Ready").0, "False");
+    assert_eq!(condition(&status, "Degraded"), ("False", "ReconcileSucceeded"));
+    assert_eq!(status.endpoint.as_deref(), Some(format!("ws://chat.{}.svc:80/ws/", env.ns).as_str()));
+    assert_eq!(status.observed_generation, Some(1));
+    assert!(exchange_exists(&exchange).await, "the operator declared the exchange");
+
+    // A spec change rewrites the config and rolls the pods.
+    let config_hash = pod_annotation(&d, CONFIG_HASH_ANNOTATION);
+    let mut changed = spec(&exchange, "Retain");
+    changed["limits"] = json!({"maxConnections": 777});
+    env.apply("chat", changed).await.expect("apply change");
+    let d2 = eventually("config hash changes", || async {
+        let d = deployments.get("chat").await.ok()?;
+        (pod_annotation(&d, CONFIG_HASH_ANNOTATION) != config_hash).then_some(d)
+    })
+    .await;
+    let cm = env.api::<ConfigMap>().get("chat").await.expect("ConfigMap");
+    assert!(cm.data.expect("data")[CONFIG_KEY].contains("maxConnections: 777"));
+
+    // A rotated Secret rolls the pods too.
+    let secrets_hash = pod_annotation(&d2, SECRETS_HASH_ANNOTATION);
+    env.secret("ht-trigger", "token", "rotated-token").await;
+    eventually("secrets hash changes", || async {
+        let d = deployments.get("chat").await.ok()?;
+        (pod_annotation(&d, SECRETS_HASH_ANNOTATION) != secrets_hash).then_some(())
+    })
+    .await;
+
+    // An owned object deleted by hand comes back.
+    let services = env.api::<Service>();
+    let uid = svc.uid();
+    services.delete("chat", &DeleteParams::default()).await.expect("delete Service");
+    eventually("Service recreated", || async {
+        let s = services.get_opt("chat").await.ok().flatten()?;
+        (s.uid() != uid).then_some(())
+    })
+    .await;
+
+    // kubectl scale goes through the scale subresource.
+    let hts = env.api::<HighTemplar>();
+    hts.patch_scale("chat", &PatchParams::default(), &Patch::Merge(json!({"spec": {"replicas": 3}})))
+        .await
+        .expect("scale subresource");
+    eventually("Deployment scaled", || async {
+        let d = deployments.get("chat").await.ok()?;
+        (d.spec?.replicas == Some(3)).then_some(())
+    })
+    .await;
+    let scale = hts.get_scale("chat").await.expect("get scale");
+    assert_eq!(scale.spec.and_then(|s| s.replicas), Some(3));
+
+    // Events tell what happened.
+    let events = env.api::<Event>().list(&ListParams::default()).await.expect("events");
+    assert!(
+        events.items.iter().any(|e| e.reason.as_deref() == Some("Created")),
+        "a Created event: {:?}",
+        events.items.iter().map(|e| e.reason.clone()).collect::<Vec<_>>()
+    );
+    env.finish().await;
+}
+
+#[tokio::test]
+async fn invalid_resources_are_rejected_by_the_apiserver() {
+    let env = Env::new("invalid").await;
+    let cases = [
+        (json!({"replicas": 2, "backend": {"url": "http://api/"}}), "spec.rabbitmq is required"),
+        (
+            json!({"replicas": 1, "backend": {"url": "http://api/"}, "autoscaling": {"enabled": true, "minReplicas": 5, "maxReplicas": 2},
+                   "rabbitmq": {"urlSecretRef": {"name": "r", "key": "u"}}}),
+            "minReplicas must not exceed",
+        ),
+        (json!({"replicas": 1, "backend": {"url": "ftp://api/"}}), "backend.url must be an http:// URL"),
+        (json!({"replicas": 1}), "backend"),
+        (
+            json!({"replicas": 5000, "backend": {"url": "http://api/"}, "rabbitmq": {"urlSecretRef": {"name": "r", "key": "u"}}}),
+            "replicas",
+        ),
+        (
+            json!({"replicas": 1, "backend": {"url": "http://api/", "forward": [{"header": "X-A", "from": [{"cookie": "a", "query": "b"}]}]}}),
+            "set exactly one of",
+        ),
+        (
+            json!({"replicas": 1, "backend": {"url": "http://api/", "forward": [{"header": "Host", "from": [{"value": "x"}]}]}}),
+            "the Host header is never forwarded",
+        ),
+    ];
+    for (i, (spec, message)) in cases.into_iter().enumerate() {
+        match env.apply(&format!("bad{i}"), spec.clone()).await {
+            Err(kube::Error::Api(status)) => {
+                assert_eq!(status.code, 422, "case {i}: {status:?}");
+                assert!(status.message.contains(message), "case {i}: {:?} lacks {message:?}", status.message);
+            }
+            other => panic!("case {i} ({spec}) was not rejected: {other:?}"),
+        }
+    }
+    env.finish().await;
+}
+
+#[tokio::test]
+async fn broker_and_secret_failures_become_conditions_and_recover() {
+    let env = Env::new("failures").await;
+    let exchange = unique_exchange("failures");
+    // No Secrets yet: Degraded, but the objects are still applied.
+    env.apply("chat", spec(&exchange, "Retain")).await.expect("valid");
+    let status = env
+        .status_where("chat", "Degraded", |s| s.conditions.iter().any(|c| c.type_ == "Degraded" && c.status == "True"))
+        .await;
+    assert_eq!(condition(&status, "Degraded").1, "SecretMissing");
+    assert_eq!(condition(&status, "Ready"), ("False", "SecretMissing"));
+    env.api::<Deployment>().get("chat").await.expect("the Deployment exists despite the missing Secret");
+
+    // Wrong credentials: BrokerReady False, AccessRefused; the password never shows.
+    env.secret("rabbitmq", "url", "amqp://guest:wrong-hunter2@127.0.0.1:5672/%2f").await;
+    env.secret("ht-trigger", "token", "t").await;
+    let status = env
+        .status_where("chat", "BrokerReady AccessRefused", |s| {
+            s.conditions.iter().any(|c| c.type_ == "BrokerReady" && c.reason == "AccessRefused")
+        })
+        .await;
+    let broker = status.conditions.iter().find(|c| c.type_ == "BrokerReady").expect("condition");
+    assert_eq!(broker.status, "False");
+    assert!(!broker.message.contains("hunter2"), "{}", broker.message);
+    assert_eq!(condition(&status, "Degraded").0, "False");
+
+    // Unreachable broker.
+    env.secret("rabbitmq", "url", "amqp://guest:guest@127.0.0.1:1/%2f").await;
+    env.status_where("chat", "BrokerReady Unreachable", |s| {
+        s.conditions.iter().any(|c| c.type_ == "BrokerReady" && c.reason == "Unreachable")
+    })
+    .await;
+
+    // Fixed Secret: the watch on Secrets re-reconciles.
+    env.secret("rabbitmq", "url", AMQP_URL).await;
+    env.status_where("chat", "BrokerReady True", |s| {
+        s.conditions.iter().any(|c| c.type_ == "BrokerReady" && c.status == "True")
+    })
+    .await;
+    let warnings = env.api::<Event>().list(&ListParams::default()).await.expect("events");
+    assert!(warnings.items.iter().any(|e| e.type_.as_deref() == Some("Warning")), "failures produce Warning events");
+    env.finish().await;
+}
+
+#[tokio::test]
+async fn deletion_policies() {
+    let env = Env::new("deletion").await;
+    env.secret("rabbitmq", "url", AMQP_URL).await;
+    env.secret("ht-trigger", "token", "t").await;
+    let hts = env.api::<HighTemplar>();
+
+    let deleted = unique_exchange("delete");
+    env.apply("gone", spec(&deleted, "Delete")).await.expect("valid");
+    let retained = unique_exchange("retain");
+    env.apply("kept", spec(&retained, "Retain")).await.expect("valid");
+    for name in ["gone", "kept"] {
+        env.status_where(name, "exchange declared", |s| {
+            s.conditions.iter().any(|c| c.type_ == "BrokerReady" && c.status == "True")
+        })
+        .await;
+    }
+    assert!(hts.get("gone").await.expect("ht").finalizers().iter().any(|f| f == FINALIZER));
+    assert!(hts.get("kept").await.expect("ht").finalizers().is_empty(), "Retain needs no finalizer");
+    assert!(exchange_exists(&deleted).await && exchange_exists(&retained).await);
+
+    hts.delete("gone", &DeleteParams::default()).await.expect("delete");
+    hts.delete("kept", &DeleteParams::default()).await.expect("delete");
+    for name in ["gone", "kept"] {
+        eventually("HighTemplar gone", || async { hts.get_opt(name).await.ok()?.is_none().then_some(()) }).await;
+    }
+    assert!(!exchange_exists(&deleted).await, "Delete removed the exchange");
+    assert!(exchange_exists(&retained).await, "Retain left the exchange");
+    // Clean up what Retain left.
+    let conn = lapin::Connection::connect(AMQP_URL, lapin::ConnectionProperties::default()).await.expect("amqp");
+    let channel = conn.create_channel().await.expect("channel");
+    let _ = channel.exchange_delete(retained.as_str().into(), Default::default()).await;
+    env.finish().await;
+}
