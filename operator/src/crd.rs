@@ -2,6 +2,10 @@
 //! DESIGN.md §5): spec, status, defaults and validation rules. The CRD YAML
 //! under `crds/` is generated from these types (`high-templar-operator crd`).
 
+// Several `printcolumn(...)` share keys like `type_`; clippy reads them as
+// duplicated attributes.
+#![allow(clippy::duplicated_attributes)]
+
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{Affinity, ResourceRequirements, Toleration};
