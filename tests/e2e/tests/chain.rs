@@ -86,6 +86,20 @@ async fn start_gateway_like_a_kubelet(ns: &Namespaced, dir: &std::path::Path, po
         .expect("spawn gateway")
 }
 
+/// The next text frame as JSON (pings skipped).
+async fn next_json<S>(ws: &mut S) -> Value
+where
+    S: futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
+{
+    loop {
+        let msg =
+            tokio::time::timeout(high_templar_e2e::WAIT, ws.next()).await.expect("a frame").expect("open").expect("ok");
+        if let Message::Text(t) = msg {
+            return serde_json::from_str(&t).expect("json");
+        }
+    }
+}
+
 fn kubectl() -> std::path::PathBuf {
     let path =
         std::path::PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/high-templar/bin/kubectl");
@@ -162,28 +176,11 @@ async fn operator_to_gateway_to_websocket_client() {
 
     let (mut ws, _) =
         tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{port}/ws/?token=alice")).await.expect("websocket");
-    let mut next_json = async || -> Value {
-        loop {
-            let msg = tokio::time::timeout(high_templar_e2e::WAIT, ws.next())
-                .await
-                .expect("frame")
-                .expect("open")
-                .expect("ok");
-            if let Message::Text(t) = msg {
-                return serde_json::from_str(&t).expect("json");
-            }
-        }
-    };
-    assert_eq!(next_json().await["is_authorized"], json!(true));
-    drop(next_json);
+    assert_eq!(next_json(&mut ws).await["is_authorized"], json!(true));
     ws.send(Message::text(json!({"type": "subscribe", "room": {"user": 7}, "requestId": "r"}).to_string()))
         .await
         .expect("send");
-    let reply = loop {
-        if let Some(Ok(Message::Text(t))) = ws.next().await {
-            break serde_json::from_str::<Value>(&t).expect("json");
-        }
-    };
+    let reply = next_json(&mut ws).await;
     assert_eq!(reply, json!({"code": "success", "requestId": "r"}));
 
     // Publish the 3.x way: basic_publish(exchange, routing_key="*").
@@ -201,13 +198,7 @@ async fn operator_to_gateway_to_websocket_client() {
         .expect("publish")
         .await
         .expect("confirm");
-    let delivered = loop {
-        if let Some(Ok(Message::Text(t))) =
-            tokio::time::timeout(high_templar_e2e::WAIT, ws.next()).await.expect("delivery")
-        {
-            break serde_json::from_str::<Value>(&t).expect("json");
-        }
-    };
+    let delivered = next_json(&mut ws).await;
     assert_eq!(delivered, json!({"type": "publish", "data": {"from": "django"}, "requestId": "r"}));
 
     // kubectl: the printer columns, describe, scale.
