@@ -4,9 +4,10 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
 
 use crate::config::{BrokerKind, Config, ConfigError, Listen, Secret};
+use crate::process::LogFormat;
 
 /// The gateway binary's arguments.
 #[derive(Debug, Parser)]
@@ -28,18 +29,6 @@ pub enum Command {
     Serve(ServeArgs),
     /// Validate the configuration and print it as YAML (secrets redacted), then exit.
     CheckConfig(ServeArgs),
-}
-
-/// Log line format.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    /// JSON when stderr is not a terminal, text otherwise.
-    #[default]
-    Auto,
-    /// One JSON object per line.
-    Json,
-    /// Human-readable text.
-    Text,
 }
 
 /// Settings of `serve`; each overrides the config file.

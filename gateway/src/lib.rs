@@ -28,6 +28,7 @@
 //! - [`server`]: `Server`, bind, serve, graceful shutdown.
 //! - [`metrics`]: Prometheus families.
 //! - [`cli`]: command-line flags and environment variables.
+//! - [`process`]: logging setup and termination signals (shared with the operator).
 
 #![forbid(unsafe_code)]
 
@@ -41,6 +42,7 @@ pub mod http;
 pub mod hub;
 pub mod index;
 pub mod metrics;
+pub mod process;
 pub mod protocol;
 pub mod room;
 pub mod server;

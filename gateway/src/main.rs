@@ -2,53 +2,17 @@
 
 #![forbid(unsafe_code)]
 
-use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
 use high_templar_gateway::broker::amqp::redact_url;
-use high_templar_gateway::cli::{Cli, Command, LogFormat};
+use high_templar_gateway::cli::{Cli, Command};
 use high_templar_gateway::config::Secret;
+use high_templar_gateway::process::{init_logging, termination};
 use high_templar_gateway::server::{Server, StartError};
-use tracing_subscriber::EnvFilter;
 
 /// Exit code for an unusable configuration.
 const EXIT_CONFIG: u8 = 2;
-
-fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_env("HT_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let json = match format {
-        LogFormat::Json => true,
-        LogFormat::Text => false,
-        LogFormat::Auto => !std::io::stderr().is_terminal(),
-    };
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
-    if json {
-        builder.json().flatten_event(true).init();
-    } else {
-        builder.init();
-    }
-}
-
-/// Resolves on SIGTERM or SIGINT.
-async fn termination() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
-        }
-        _ => {
-            tracing::error!("cannot install signal handlers; stopping only when killed");
-            std::future::pending::<()>().await
-        }
-    }
-}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();

@@ -4,7 +4,6 @@
 
 #![forbid(unsafe_code)]
 
-use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -12,12 +11,12 @@ use std::sync::Arc;
 use axum::Router;
 use axum::routing::get;
 use clap::{Parser, Subcommand};
+use high_templar_gateway::process::{LogFormat, init_logging, termination};
 use high_templar_operator::crd_yaml;
 use high_templar_operator::metrics::Metrics;
 use high_templar_operator::reconcile::Settings;
 use kube_lease_manager::LeaseManagerBuilder;
 use tracing::{error, info, warn};
-use tracing_subscriber::EnvFilter;
 
 /// Default gateway image: the gateway of the same release.
 const DEFAULT_GATEWAY_IMAGE: &str = concat!("high-templar-gateway:", env!("CARGO_PKG_VERSION"));
@@ -60,32 +59,6 @@ struct RunArgs {
     /// This replica's identity in the Lease (default: POD_NAME or the hostname).
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
-}
-
-fn init_logging() {
-    let filter = EnvFilter::try_from_env("HT_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
-    if std::io::stderr().is_terminal() {
-        builder.init();
-    } else {
-        builder.json().flatten_event(true).init();
-    }
-}
-
-async fn termination() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
-        }
-        _ => std::future::pending::<()>().await,
-    }
 }
 
 async fn serve_metrics(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<()> {
@@ -200,7 +173,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Run(args) => {
-            init_logging();
+            init_logging(LogFormat::Auto);
             match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
                 Ok(rt) => rt.block_on(run(args)),
                 Err(e) => {

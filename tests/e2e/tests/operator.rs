@@ -1,7 +1,9 @@
 //! The operator against a real control plane (kube-apiserver + etcd +
 //! kube-controller-manager, no kubelet) and a real RabbitMQ. `tests/run`
 //! starts the control plane and sets `HT_TEST_KUBECONFIG`. Each test works
-//! in a namespace of its own with its own controller watching it.
+//! in a namespace of its own with its own in-process controller watching it.
+
+use high_templar_e2e::{AMQP_URL, client, eventually, install_crd};
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -15,45 +17,10 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Event, Namespace, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
-use kube::config::{KubeConfigOptions, Kubeconfig};
-use kube::{Api, Client, CustomResourceExt, ResourceExt};
+use kube::{Api, Client, ResourceExt};
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
-
-const WAIT: Duration = Duration::from_secs(30);
-const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
-
-async fn client() -> Client {
-    let path = std::env::var("HT_TEST_KUBECONFIG").unwrap_or_else(|_| {
-        panic!(
-            "HT_TEST_KUBECONFIG is not set: these tests need the test control plane. Run tests/run, which builds and \
-             starts kube-apiserver + etcd, or: W=$(mktemp -d); tests/controlplane/start.sh $W; \
-             export HT_TEST_KUBECONFIG=$W/kubeconfig"
-        )
-    });
-    let kubeconfig = Kubeconfig::read_from(&path).expect("read the test kubeconfig");
-    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-        .await
-        .expect("kubeconfig usable");
-    Client::try_from(config).expect("client")
-}
-
-async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
 
 /// One test's namespace, with the CRD installed and a controller running.
 struct Env {
@@ -64,20 +31,6 @@ struct Env {
 }
 
 static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-
-async fn install_crd(client: &Client) {
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let crd = HighTemplar::crd();
-    crds.patch(&crd.name_any(), &PatchParams::apply("high-templar-tests").force(), &Patch::Apply(&crd))
-        .await
-        .expect("the apiserver accepts the CRD");
-    eventually("CRD established", || async {
-        let crd = crds.get("hightemplars.hightemplar.io").await.ok()?;
-        let established = crd.status?.conditions?.iter().any(|c| c.type_ == "Established" && c.status == "True");
-        established.then_some(())
-    })
-    .await;
-}
 
 impl Env {
     async fn new(test: &str) -> Env {

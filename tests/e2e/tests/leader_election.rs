@@ -7,31 +7,15 @@ use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Namespace;
+use kube::Api;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
-use kube::config::{KubeConfigOptions, Kubeconfig};
-use kube::{Api, Client, CustomResourceExt, ResourceExt};
 use serde_json::json;
 use tokio::process::{Child, Command};
 
-const WAIT: Duration = Duration::from_secs(60);
-
-fn kubeconfig_path() -> String {
-    std::env::var("HT_TEST_KUBECONFIG")
-        .unwrap_or_else(|_| panic!("HT_TEST_KUBECONFIG is not set: run tests/run, which starts the test control plane"))
-}
-
-async fn client() -> Client {
-    let kubeconfig = Kubeconfig::read_from(kubeconfig_path()).expect("kubeconfig");
-    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await.expect("config");
-    Client::try_from(config).expect("client")
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
-}
+use high_templar_e2e::{WAIT, client, free_port, install_crd, kubeconfig_path, workspace_binary};
 
 fn operator(identity: &str, ns: &str, port: u16) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_high-templar-operator"))
+    Command::new(workspace_binary("high-templar-operator"))
         .args(["run", "--namespace", ns, "--lease-namespace", ns, "--identity", identity])
         .args(["--metrics-listen", &format!("127.0.0.1:{port}")])
         .env("KUBECONFIG", kubeconfig_path())
@@ -75,12 +59,7 @@ async fn holder(leases: &Api<Lease>) -> Option<String> {
 #[tokio::test]
 async fn only_the_lease_holder_reconciles_and_the_other_takes_over() {
     let client = client().await;
-    let crds: Api<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> =
-        Api::all(client.clone());
-    let crd = high_templar_operator::crd::HighTemplar::crd();
-    crds.patch(&crd.name_any(), &PatchParams::apply("high-templar-tests").force(), &Patch::Apply(&crd))
-        .await
-        .expect("CRD");
+    install_crd(&client).await;
     let ns = format!("leader-{}", std::process::id());
     let namespaces: Api<Namespace> = Api::all(client.clone());
     namespaces
