@@ -390,3 +390,42 @@ async fn ready_once_a_gateway_pod_is_ready() {
     assert_eq!(status.ready_replicas, 1);
     env.finish().await;
 }
+
+/// An exchange declared by high-templar 3.x (non-durable) and a resource
+/// asking for a durable one: BrokerReady says exactly that.
+#[tokio::test]
+async fn exchange_with_other_arguments_is_a_precondition_failure() {
+    let env = Env::new("precondition").await;
+    let exchange = unique_exchange("precondition");
+    let conn = lapin::Connection::connect(AMQP_URL, lapin::ConnectionProperties::default()).await.expect("amqp");
+    let channel = conn.create_channel().await.expect("channel");
+    channel
+        .exchange_declare(
+            exchange.as_str().into(),
+            lapin::ExchangeKind::Direct,
+            lapin::options::ExchangeDeclareOptions::default(),
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .expect("declare the 3.x way");
+    env.secret("rabbitmq", "url", AMQP_URL).await;
+    env.secret("ht-trigger", "token", "t").await;
+    env.apply("chat", spec(&exchange, "Retain")).await.expect("valid");
+    let status = env
+        .status_where("chat", "BrokerReady PreconditionFailed", |s| {
+            s.conditions.iter().any(|c| c.type_ == "BrokerReady" && c.reason == "PreconditionFailed")
+        })
+        .await;
+    let broker = status.conditions.iter().find(|c| c.type_ == "BrokerReady").expect("condition");
+    assert_eq!(broker.status, "False");
+    assert!(broker.message.contains("durable"), "the message says what to change: {}", broker.message);
+    let mut fixed = spec(&exchange, "Retain");
+    fixed["rabbitmq"]["durable"] = json!(false);
+    env.apply("chat", fixed).await.expect("valid");
+    env.status_where("chat", "BrokerReady True once durable matches", |s| {
+        s.conditions.iter().any(|c| c.type_ == "BrokerReady" && c.status == "True")
+    })
+    .await;
+    let _ = channel.exchange_delete(exchange.as_str().into(), Default::default()).await;
+    env.finish().await;
+}
