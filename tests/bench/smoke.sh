@@ -1,0 +1,175 @@
+#!/usr/bin/env bash
+# Correctness smoke test of the gateway under small loads, with the load
+# generator (tests/bench): a miniature of every benchmark scenario against a
+# freshly started gateway (memory broker), and one run through RabbitMQ
+# (amqp broker, AMQP publisher). Asserts ONLY correctness: zero lost, zero
+# duplicated, zero misrouted deliveries, every connection and subscription
+# succeeded. Never asserts speed. Takes about 10 s once built. Needs bash
+# only (no curl, no jq).
+#
+#   tests/bench/smoke.sh [--release] [--no-amqp] [--no-build] [--keep-logs]
+#
+# --release    use release binaries (default: debug, as `cargo build`)
+# --no-amqp    skip the RabbitMQ run (default: it needs a RabbitMQ on
+#              127.0.0.1:5672, or HTB_AMQP_URL; tests/rabbitmq.sh starts one)
+# --no-build   use the binaries already in target/
+# --keep-logs  keep the work directory (logs, JSON results) even on success
+#
+# Exit status: 0 when every run was correct, 1 otherwise (or 2 when the
+# setup failed). Prints one line per run and a summary.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+profile=debug
+amqp=1
+build=1
+keep=0
+for arg in "$@"; do
+  case "$arg" in
+    --release) profile=release ;;
+    --no-amqp) amqp=0 ;;
+    --no-build) build=0 ;;
+    --keep-logs) keep=1 ;;
+    -h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "smoke.sh: unknown argument $arg" >&2; exit 2 ;;
+  esac
+done
+
+amqp_url="${HTB_AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}"
+exchange="hightemplar-bench-smoke"
+token="smoke-trigger-token"
+started=$(date +%s%N)
+
+if [ "$build" = 1 ]; then
+  flag=(); [ "$profile" = release ] && flag=(--release)
+  echo "smoke: building ($profile)"
+  cargo build -q "${flag[@]}" -p high-templar-gateway -p high-templar-bench
+fi
+gateway="target/$profile/high-templar-gateway"
+bench="target/$profile/high-templar-bench"
+for bin in "$gateway" "$bench"; do
+  [ -x "$bin" ] || { echo "smoke: $bin is missing (build it, or drop --no-build)" >&2; exit 2; }
+done
+
+work=$(mktemp -d "${TMPDIR:-/tmp}/htb-smoke.XXXXXX")
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+  if [ "$keep" = 0 ] && [ "${failed:-1}" = 0 ]; then rm -rf "$work"; else echo "smoke: logs and results in $work"; fi
+}
+trap cleanup EXIT
+trap 'exit 2' INT TERM
+
+# Enough file descriptors for both sides (root may raise the hard limit).
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+
+listening() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+free_port() {
+  local port
+  for _ in $(seq 1 50); do
+    port=$((20000 + RANDOM % 10000))
+    listening "$port" || { echo "$port"; return; }
+  done
+  echo "smoke: no free port found" >&2; exit 2
+}
+http_ok() { # port path: GET answered 200
+  (
+    exec 3<>"/dev/tcp/127.0.0.1/$1" || exit 1
+    printf 'GET %s HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n' "$2" >&3
+    read -r -t 2 _ status _ <&3 || exit 1
+    [ "$status" = 200 ]
+  ) 2>/dev/null
+}
+wait_ready() { # port path pid what
+  for _ in $(seq 1 200); do
+    if http_ok "$1" "$2"; then return 0; fi
+    kill -0 "$3" 2>/dev/null || { echo "smoke: $4 exited at start (see $work)" >&2; exit 2; }
+    sleep 0.05
+  done
+  echo "smoke: $4 not ready on port $1 (see $work)" >&2; exit 2
+}
+
+backend_port=$(free_port)
+"$bench" serve-backend --listen "127.0.0.1:$backend_port" >"$work/backend.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 1 200); do listening "$backend_port" && break; sleep 0.05; done
+
+# No drain delay on SIGTERM: the smoke stops its gateways at once.
+cat >"$work/gateway.yaml" <<'EOF'
+shutdown:
+  drainDelaySeconds: 0
+  closeWindowSeconds: 0
+EOF
+
+start_gateway() { # name extra-args...
+  local name=$1; shift
+  local port; port=$(free_port)
+  HT_LOG=warn "$gateway" serve --config "$work/gateway.yaml" --listen "127.0.0.1:$port" \
+    --backend-url "http://127.0.0.1:$backend_port/" --trigger-token "$token" "$@" >"$work/gateway-$name.log" 2>&1 &
+  local pid=$!
+  pids+=("$pid")
+  wait_ready "$port" /readyz "$pid" "gateway ($name)"
+  gw_port=$port gw_pid=$pid
+}
+
+failed=0
+runs=0
+summary=()
+bench_run() { # label args...
+  local label=$1; shift
+  runs=$((runs + 1))
+  local out="$work/$label.json" status=0
+  "$bench" "$@" --url "ws://127.0.0.1:$gw_port/ws/" --server-pid "$gw_pid" --trigger-token "$token" \
+    --json --quiet --drain-timeout 5 >"$out" 2>"$work/$label.txt" || status=$?
+  local line
+  line=$(sed -n 's/^totals: //p' "$work/$label.txt" | tail -n 1)
+  if [ "$status" = 0 ] && grep -q '^correctness: OK' "$work/$label.txt"; then
+    summary+=("ok    $label: $line")
+  else
+    failed=1
+    summary+=("FAIL  $label (exit $status): ${line:-no result}")
+    sed 's/^/      /' "$work/$label.txt" >&2
+  fi
+  echo "${summary[-1]}"
+}
+
+echo "smoke: memory broker"
+start_gateway memory
+bench_run storm scenario storm --scale 0.002
+bench_run idle-user-group run --layout user-group -n 200 --hold 0.3 --rate 400 --duration 0.3 --trigger-rooms 2
+bench_run hot run -n 100 --rooms hot=1 --rates 50,400 --duration 0.3
+bench_run sparse run -n 100 -k 10 --rooms room=300 --wildcard-share 0.05 --rate 0 --duration 0.3 --trigger-rooms 3
+bench_run wildcard run -n 100 -k 5 --rooms customer=20,warehouse=10 --trigger-wildcard-share 1 --rate 0 --duration 0.3
+bench_run explicit run -n 100 -k 5 --rooms customer=20,warehouse=10 --trigger-wildcard-share 1 --expand-wildcards --rate 0 --duration 0.3
+bench_run multi-space run -n 100 -k 4 --rooms customer=5,warehouse=4 --rooms user=50 --wildcard-share 0.3 --trigger-wildcard-share 0.3 --trigger-rooms 2 --rate 0 --duration 0.3
+bench_run churn-slow run -n 50 --rooms hot=1 --rate 20 --payload-bytes 1024 --duration 1 --churn-rate 20 --churn-hold 0.3 --slow-clients 3
+
+if [ "$amqp" = 1 ]; then
+  echo "smoke: amqp broker ($exchange)"
+  amqp_host=$(echo "$amqp_url" | sed -E 's#^amqp://([^@/]*@)?([^:/]+)(:([0-9]+))?.*#\2 \4#')
+  read -r host port <<<"$amqp_host"
+  if ! (exec 3<>"/dev/tcp/$host/${port:-5672}") 2>/dev/null; then
+    echo "smoke: no RabbitMQ at $host:${port:-5672} (start one with tests/rabbitmq.sh, or pass --no-amqp)" >&2
+    failed=1
+    summary+=("FAIL  amqp: no RabbitMQ")
+  else
+    HT_AMQP_URL="$amqp_url" start_gateway amqp --broker amqp --exchange "$exchange"
+    export HTB_AMQP_URL="$amqp_url"
+    bench_run amqp run --publish amqp --exchange "$exchange" -n 100 -k 3 --rooms customer=10,warehouse=5 \
+      --wildcard-share 0.3 --trigger-wildcard-share 0.3 --rate 1000 --duration 0.3
+    bench_run amqp-http run --publish http -n 50 --rooms hot=1 --rate 200 --duration 0.3
+  fi
+fi
+
+elapsed_ms=$((($(date +%s%N) - started) / 1000000))
+elapsed="$((elapsed_ms / 1000)).$(printf '%03d' $((elapsed_ms % 1000)))"
+echo
+echo "smoke summary ($runs runs, ${elapsed}s):"
+printf '  %s\n' "${summary[@]}"
+if [ "$failed" = 0 ]; then
+  echo "smoke: OK"
+else
+  echo "smoke: FAILED"
+  exit 1
+fi

@@ -1,0 +1,646 @@
+//! Websocket clients speaking the high-templar 3.x client protocol.
+//!
+//! Three kinds:
+//! * **stable** clients connect, wait for the controller's go, subscribe
+//!   (pipelined), then read publish frames until told to stop, recording
+//!   per subscription the sequence numbers received;
+//! * **slow** clients connect and subscribe like stable ones, then stop
+//!   reading;
+//! * **churn** clients connect, subscribe, read for a while and disconnect.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use hdrhistogram::Histogram;
+use serde::Deserialize;
+use serde_json::Value;
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::{Semaphore, watch};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+
+/// A client websocket.
+pub type Ws = WebSocketStream<TcpStream>;
+
+/// What the controller tells the stable and slow clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Stage {
+    /// Connect and wait.
+    Connect,
+    /// Subscribe, then read (stable) or stop reading (slow).
+    Subscribe,
+    /// Stop: close and hand the results back.
+    Stop,
+}
+
+/// A new latency histogram in microseconds (1 µs .. 10 min, 3 digits).
+pub fn new_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 600_000_000, 3).expect("constant histogram bounds are valid")
+}
+
+/// Deliveries received for one phase (step) of a run, by stable clients.
+#[derive(Debug)]
+pub struct PhaseRecv {
+    /// Trigger → delivery latency, µs.
+    pub latency: Histogram<u64>,
+    /// Deliveries received.
+    pub count: u64,
+    /// When the last one arrived, µs since the run's epoch.
+    pub last_us: u64,
+}
+
+/// Counters shared by every client of a run and the controller.
+#[derive(Debug)]
+pub struct Stats {
+    /// Stable and slow connections authorised.
+    pub connected: AtomicU64,
+    /// Stable and slow connections that failed to connect or were refused.
+    pub connect_failed: AtomicU64,
+    /// Stable and slow connections done subscribing (with or without errors).
+    pub subscribe_done: AtomicU64,
+    /// Subscriptions that got `success` (all kinds of clients).
+    pub subscribes_ok: AtomicU64,
+    /// Subscriptions that got an error or no answer (all kinds of clients).
+    pub subscribes_failed: AtomicU64,
+    /// Publish frames received by stable clients.
+    pub received: AtomicU64,
+    /// Per phase: latency and counts of stable clients' deliveries.
+    pub phases: Mutex<Vec<PhaseRecv>>,
+    /// Latency of deliveries to churn clients, µs.
+    pub churn_latency: Mutex<Histogram<u64>>,
+    /// Churn clients: connect + authorise + subscribe time, µs.
+    pub churn_setup: Mutex<Histogram<u64>>,
+    /// Problems, by kind (message → count).
+    pub errors: Mutex<BTreeMap<String, u64>>,
+}
+
+impl Stats {
+    /// Fresh counters for a run of `phases` phases.
+    pub fn new(phases: usize) -> Stats {
+        Stats {
+            connected: AtomicU64::new(0),
+            connect_failed: AtomicU64::new(0),
+            subscribe_done: AtomicU64::new(0),
+            subscribes_ok: AtomicU64::new(0),
+            subscribes_failed: AtomicU64::new(0),
+            received: AtomicU64::new(0),
+            phases: Mutex::new(
+                (0..phases).map(|_| PhaseRecv { latency: new_histogram(), count: 0, last_us: 0 }).collect(),
+            ),
+            churn_latency: Mutex::new(new_histogram()),
+            churn_setup: Mutex::new(new_histogram()),
+            errors: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// Counts one problem of kind `what`.
+    pub fn error(&self, what: impl Into<String>) {
+        *lock(&self.errors).entry(what.into()).or_insert(0) += 1;
+    }
+}
+
+/// Locks `m`, ignoring poisoning (a panicked client must not hide results).
+pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// What every client of a run shares.
+#[derive(Debug)]
+pub struct Ctx {
+    /// The websocket URL, token included.
+    pub url: String,
+    /// The server's address.
+    pub server: SocketAddr,
+    /// Source addresses to spread connections over; empty: the kernel's choice.
+    pub sources: Vec<IpAddr>,
+    /// Websocket settings (small buffers: tens of thousands of clients).
+    pub ws_config: WebSocketConfig,
+    /// Longest connect + handshake + authorisation.
+    pub connect_timeout: Duration,
+    /// Longest wait for all subscribe replies of one connection.
+    pub subscribe_timeout: Duration,
+    /// Time zero of the run: trigger timestamps are µs since then.
+    pub epoch: Instant,
+    /// Shared counters.
+    pub stats: Arc<Stats>,
+    /// Connections being opened at once, at most.
+    pub connect_permits: Arc<Semaphore>,
+    /// Send the raw `ping` text frame this often (keeps 3.x-style idle
+    /// timeouts away); `None`: never.
+    pub client_ping: Option<Duration>,
+}
+
+impl Ctx {
+    /// µs since the run's epoch.
+    pub fn now_us(&self) -> u64 {
+        self.epoch.elapsed().as_micros() as u64
+    }
+}
+
+/// What a stable client hands back.
+#[derive(Debug, Default)]
+pub struct StableOutcome {
+    /// Per subscription (by local index = requestId): sequence numbers received.
+    pub received: Vec<Vec<u32>>,
+    /// Publish frames that were not the bench's (no sequence number or
+    /// unknown requestId).
+    pub foreign: u64,
+}
+
+/// What a slow client hands back.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SlowOutcome {
+    /// Connected and subscribed.
+    pub subscribed: bool,
+    /// The server closed it before the end (close frame, EOF or reset:
+    /// a close frame cannot get through a socket the client does not read).
+    pub closed_by_server: bool,
+    /// The close code, when a close frame got through.
+    pub close_code: Option<u16>,
+}
+
+/// What a churn client hands back.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ChurnOutcome {
+    /// Connected and authorised.
+    pub connected: bool,
+    /// Publish frames received.
+    pub deliveries: u64,
+    /// Publish frames received twice for one subscription.
+    pub duplicated: u64,
+}
+
+/// The fields of a server frame the bench looks at.
+#[derive(Debug, Deserialize)]
+struct Incoming<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    code: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    message: Option<Cow<'a, str>>,
+    #[serde(rename = "requestId")]
+    request_id: Option<Value>,
+    data: Option<Data>,
+    is_authorized: Option<bool>,
+}
+
+/// The bench's trigger data: sequence number, send time, phase.
+#[derive(Debug, Deserialize)]
+struct Data {
+    seq: Option<u64>,
+    ts: Option<u64>,
+    p: Option<usize>,
+}
+
+/// The subscribe frame for `room` with numeric `request_id`.
+pub fn subscribe_frame(room: &Value, request_id: usize) -> String {
+    serde_json::json!({"type": "subscribe", "room": room, "requestId": request_id}).to_string()
+}
+
+/// Connects (bound to a source address picked by `index`), upgrades and
+/// waits for the authorisation frame.
+pub async fn open(ctx: &Ctx, index: usize) -> Result<Ws, String> {
+    let _permit = ctx.connect_permits.acquire().await.map_err(|_| "connect: stopped".to_string())?;
+    match tokio::time::timeout(ctx.connect_timeout, open_inner(ctx, index)).await {
+        Ok(result) => result,
+        Err(_) => Err("connect: timed out".to_string()),
+    }
+}
+
+async fn open_inner(ctx: &Ctx, index: usize) -> Result<Ws, String> {
+    let socket = match ctx.server {
+        SocketAddr::V4(_) => TcpSocket::new_v4(),
+        SocketAddr::V6(_) => TcpSocket::new_v6(),
+    }
+    .map_err(|e| format!("socket: {}", e.kind()))?;
+    if !ctx.sources.is_empty() {
+        let source = ctx.sources[index % ctx.sources.len()];
+        socket.bind(SocketAddr::new(source, 0)).map_err(|e| format!("bind {source}: {}", e.kind()))?;
+    }
+    let stream = socket.connect(ctx.server).await.map_err(|e| format!("connect: {}", e.kind()))?;
+    let _ = stream.set_nodelay(true);
+    let (mut ws, _) = tokio_tungstenite::client_async_with_config(ctx.url.as_str(), stream, Some(ctx.ws_config))
+        .await
+        .map_err(|e| match e {
+            WsError::Http(response) => format!("handshake: HTTP {}", response.status().as_u16()),
+            other => format!("handshake: {other}"),
+        })?;
+    loop {
+        match ws.next().await {
+            Some(Ok(Message::Text(text))) => {
+                let frame: Incoming =
+                    serde_json::from_str(text.as_str()).map_err(|_| "auth: first frame is not JSON".to_string())?;
+                return match frame.is_authorized {
+                    Some(true) => Ok(ws),
+                    Some(false) => Err("auth: refused (is_authorized false)".to_string()),
+                    None => Err("auth: first frame has no is_authorized".to_string()),
+                };
+            }
+            Some(Ok(Message::Close(frame))) => {
+                return Err(format!("auth: closed ({})", frame.map_or(1005, |f| u16::from(f.code))));
+            }
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => return Err(format!("auth: {e}")),
+            None => return Err("auth: connection closed".to_string()),
+        }
+    }
+}
+
+/// One client's subscriptions and what they received.
+struct Session {
+    /// Per subscription: sequence numbers received.
+    received: Vec<Vec<u32>>,
+    /// Subscribe replies still awaited, per subscription.
+    pending: Vec<bool>,
+    /// How many are still awaited.
+    pending_count: usize,
+    /// Foreign publish frames.
+    foreign: u64,
+    /// Whose deliveries these are.
+    kind: Kind,
+}
+
+/// Which statistics a client's deliveries go to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Stable,
+    Slow,
+    Churn,
+}
+
+/// What a frame was.
+enum Event {
+    /// Nothing to do.
+    Nothing,
+    /// The server closed the websocket (code).
+    Closed(u16),
+}
+
+impl Session {
+    fn new(subscriptions: usize, kind: Kind) -> Session {
+        Session {
+            received: vec![Vec::new(); subscriptions],
+            pending: vec![false; subscriptions],
+            pending_count: 0,
+            foreign: 0,
+            kind,
+        }
+    }
+
+    /// Sends one subscribe frame per room (pipelined: one flush) and
+    /// marks their replies as awaited.
+    async fn subscribe(&mut self, ws: &mut Ws, frames: &[String]) -> Result<(), String> {
+        for frame in frames {
+            ws.feed(Message::text(frame.as_str())).await.map_err(|e| format!("subscribe: send: {e}"))?;
+        }
+        ws.flush().await.map_err(|e| format!("subscribe: send: {e}"))?;
+        self.pending.iter_mut().for_each(|p| *p = true);
+        self.pending_count = frames.len();
+        Ok(())
+    }
+
+    /// Reads until every subscribe reply arrived (or `timeout`), handling
+    /// publish frames that arrive meanwhile.
+    async fn await_replies(&mut self, ws: &mut Ws, ctx: &Ctx) -> Result<(), String> {
+        let deadline = tokio::time::Instant::now() + ctx.subscribe_timeout;
+        while self.pending_count > 0 {
+            let next = match tokio::time::timeout_at(deadline, ws.next()).await {
+                Ok(next) => next,
+                Err(_) => {
+                    ctx.stats.subscribes_failed.fetch_add(self.pending_count as u64, Ordering::Relaxed);
+                    ctx.stats.error("subscribe: no reply in time");
+                    return Err("subscribe: timed out".to_string());
+                }
+            };
+            match next {
+                Some(Ok(message)) => {
+                    if let Event::Closed(code) = self.handle(message, ctx) {
+                        ctx.stats.subscribes_failed.fetch_add(self.pending_count as u64, Ordering::Relaxed);
+                        return Err(format!("closed by server while subscribing ({code})"));
+                    }
+                }
+                Some(Err(e)) => {
+                    ctx.stats.subscribes_failed.fetch_add(self.pending_count as u64, Ordering::Relaxed);
+                    return Err(format!("read error while subscribing: {}", short_ws_error(&e)));
+                }
+                None => {
+                    ctx.stats.subscribes_failed.fetch_add(self.pending_count as u64, Ordering::Relaxed);
+                    return Err("connection ended while subscribing".to_string());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Handles one frame.
+    fn handle(&mut self, message: Message, ctx: &Ctx) -> Event {
+        let text = match &message {
+            Message::Text(text) => text.as_str(),
+            Message::Binary(bytes) => match std::str::from_utf8(bytes) {
+                Ok(text) => text,
+                Err(_) => {
+                    ctx.stats.error("binary frame that is not UTF-8");
+                    return Event::Nothing;
+                }
+            },
+            Message::Close(frame) => return Event::Closed(frame.as_ref().map_or(1005, |f| u16::from(f.code))),
+            _ => return Event::Nothing,
+        };
+        if text == "pong" {
+            return Event::Nothing;
+        }
+        let Ok(frame) = serde_json::from_str::<Incoming>(text) else {
+            ctx.stats.error("server frame that is not JSON");
+            return Event::Nothing;
+        };
+        let request_id = frame.request_id.as_ref().and_then(Value::as_u64).map(|id| id as usize);
+        if frame.kind.as_deref() == Some("publish") {
+            self.delivery(request_id, frame.data, ctx);
+            return Event::Nothing;
+        }
+        match (frame.code.as_deref(), request_id) {
+            (Some(code), Some(id)) if self.pending.get(id).copied().unwrap_or(false) => {
+                self.pending[id] = false;
+                self.pending_count -= 1;
+                if code == "success" {
+                    ctx.stats.subscribes_ok.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    ctx.stats.subscribes_failed.fetch_add(1, Ordering::Relaxed);
+                    ctx.stats.error(format!("subscribe: {}", frame.message.as_deref().unwrap_or(code)));
+                }
+            }
+            (Some(code), _) => {
+                ctx.stats.error(format!("unexpected reply: {code} {}", frame.message.as_deref().unwrap_or_default()))
+            }
+            _ => ctx.stats.error("unexpected server frame"),
+        }
+        Event::Nothing
+    }
+
+    /// Records one publish frame.
+    fn delivery(&mut self, request_id: Option<usize>, data: Option<Data>, ctx: &Ctx) {
+        let (Some(id), Some(Data { seq: Some(seq), ts: Some(ts), p })) = (request_id, data) else {
+            self.foreign += 1;
+            return;
+        };
+        let Some(slot) = self.received.get_mut(id) else {
+            self.foreign += 1;
+            return;
+        };
+        slot.push(seq as u32);
+        let now = ctx.now_us();
+        let latency = now.saturating_sub(ts).max(1);
+        match self.kind {
+            Kind::Stable => {
+                ctx.stats.received.fetch_add(1, Ordering::Relaxed);
+                let mut phases = lock(&ctx.stats.phases);
+                if let Some(phase) = p.and_then(|p| phases.get_mut(p)) {
+                    phase.latency.saturating_record(latency);
+                    phase.count += 1;
+                    phase.last_us = phase.last_us.max(now);
+                }
+            }
+            Kind::Churn => lock(&ctx.stats.churn_latency).saturating_record(latency),
+            Kind::Slow => {}
+        }
+    }
+}
+
+/// A short form of a websocket error for the error counts.
+fn short_ws_error(e: &WsError) -> String {
+    match e {
+        WsError::Io(io) => format!("io: {}", io.kind()),
+        WsError::Protocol(p) => format!("protocol: {p}"),
+        other => other.to_string(),
+    }
+}
+
+/// A stable client: connect, wait for the go, subscribe to `frames`
+/// (request ids 0..), read until [`Stage::Stop`].
+pub async fn stable(
+    ctx: Arc<Ctx>,
+    index: usize,
+    frames: Arc<Vec<String>>,
+    mut stage: watch::Receiver<Stage>,
+) -> StableOutcome {
+    let mut session = Session::new(frames.len(), Kind::Stable);
+    let Some(mut ws) = connect_and_subscribe(&ctx, index, &frames, &mut stage, &mut session).await else {
+        return StableOutcome { received: session.received, foreign: session.foreign };
+    };
+    let mut ping = ctx.client_ping.map(|every| tokio::time::interval_at(tokio::time::Instant::now() + every, every));
+    loop {
+        let ping_tick = async {
+            match ping.as_mut() {
+                Some(interval) => {
+                    interval.tick().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            next = ws.next() => match next {
+                Some(Ok(message)) => {
+                    if let Event::Closed(code) = session.handle(message, &ctx) {
+                        ctx.stats.error(format!("closed by server ({code})"));
+                        break;
+                    }
+                }
+                Some(Err(e)) => {
+                    ctx.stats.error(format!("read error: {}", short_ws_error(&e)));
+                    break;
+                }
+                None => {
+                    ctx.stats.error("connection ended by server");
+                    break;
+                }
+            },
+            _ = ping_tick => {
+                if ws.send(Message::text("ping")).await.is_err() {
+                    ctx.stats.error("ping: send failed");
+                    break;
+                }
+            }
+            _ = reach(&mut stage, Stage::Stop) => {
+                close(ws).await;
+                return StableOutcome { received: session.received, foreign: session.foreign };
+            }
+        }
+    }
+    // Ended early: wait for the end of the run so the controller can
+    // still collect the results.
+    reach(&mut stage, Stage::Stop).await;
+    StableOutcome { received: session.received, foreign: session.foreign }
+}
+
+/// Opens the connection, waits for [`Stage::Subscribe`] and subscribes.
+/// Counts the outcome in the shared stats; `None` when it failed.
+async fn connect_and_subscribe(
+    ctx: &Ctx,
+    index: usize,
+    frames: &[String],
+    stage: &mut watch::Receiver<Stage>,
+    session: &mut Session,
+) -> Option<Ws> {
+    let opened = open(ctx, index).await;
+    let mut ws = match opened {
+        Ok(ws) => {
+            ctx.stats.connected.fetch_add(1, Ordering::Relaxed);
+            ws
+        }
+        Err(e) => {
+            ctx.stats.connect_failed.fetch_add(1, Ordering::Relaxed);
+            ctx.stats.subscribes_failed.fetch_add(frames.len() as u64, Ordering::Relaxed);
+            ctx.stats.subscribe_done.fetch_add(1, Ordering::Relaxed);
+            ctx.stats.error(e);
+            reach(stage, Stage::Stop).await;
+            return None;
+        }
+    };
+    // Wait for the go, answering the server's pings meanwhile.
+    let failure = loop {
+        tokio::select! {
+            _ = reach(stage, Stage::Subscribe) => break None,
+            next = ws.next() => match next {
+                Some(Ok(message)) => {
+                    if let Event::Closed(code) = session.handle(message, ctx) {
+                        break Some(format!("closed by server before subscribing ({code})"));
+                    }
+                }
+                Some(Err(e)) => break Some(format!("read error before subscribing: {}", short_ws_error(&e))),
+                None => break Some("connection ended before subscribing".to_string()),
+            }
+        }
+    };
+    if let Some(error) = failure {
+        ctx.stats.error(error);
+        ctx.stats.subscribes_failed.fetch_add(frames.len() as u64, Ordering::Relaxed);
+        ctx.stats.subscribe_done.fetch_add(1, Ordering::Relaxed);
+        reach(stage, Stage::Stop).await;
+        return None;
+    }
+    if *stage.borrow() >= Stage::Stop {
+        ctx.stats.subscribe_done.fetch_add(1, Ordering::Relaxed);
+        return None;
+    }
+    let result = match session.subscribe(&mut ws, frames).await {
+        Ok(()) => session.await_replies(&mut ws, ctx).await,
+        Err(e) => {
+            ctx.stats.subscribes_failed.fetch_add(frames.len() as u64, Ordering::Relaxed);
+            Err(e)
+        }
+    };
+    ctx.stats.subscribe_done.fetch_add(1, Ordering::Relaxed);
+    match result {
+        Ok(()) => Some(ws),
+        Err(e) => {
+            ctx.stats.error(e);
+            reach(stage, Stage::Stop).await;
+            None
+        }
+    }
+}
+
+/// Waits until the controller's stage is at least `target` (or the
+/// controller is gone).
+async fn reach(stage: &mut watch::Receiver<Stage>, target: Stage) {
+    let _ = stage.wait_for(|s| *s >= target).await;
+}
+
+/// Closes politely, waiting a little for the server's close frame.
+async fn close(mut ws: Ws) {
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        let _ = ws.close(None).await;
+        while let Some(Ok(_)) = ws.next().await {}
+    })
+    .await;
+}
+
+/// A slow client: connects and subscribes like a stable one, then stops
+/// reading. At the end it reads what is left (at most `drain`) to see
+/// whether the server closed it as a slow consumer (1013).
+pub async fn slow(
+    ctx: Arc<Ctx>,
+    index: usize,
+    frames: Arc<Vec<String>>,
+    mut stage: watch::Receiver<Stage>,
+    drain: Duration,
+) -> SlowOutcome {
+    let mut session = Session::new(frames.len(), Kind::Slow);
+    let Some(mut ws) = connect_and_subscribe(&ctx, index, &frames, &mut stage, &mut session).await else {
+        return SlowOutcome::default();
+    };
+    // Stop reading: the socket buffers fill, then the server's queue.
+    reach(&mut stage, Stage::Stop).await;
+    // Read what is buffered until the end of the connection, a quiet
+    // moment (still open), or `drain`.
+    let mut outcome = SlowOutcome { subscribed: true, ..SlowOutcome::default() };
+    let deadline = tokio::time::Instant::now() + drain;
+    loop {
+        let quiet = (tokio::time::Instant::now() + Duration::from_millis(200)).min(deadline);
+        match tokio::time::timeout_at(quiet, ws.next()).await {
+            Ok(Some(Ok(Message::Close(frame)))) => {
+                outcome.closed_by_server = true;
+                outcome.close_code = Some(frame.map_or(1005, |f| u16::from(f.code)));
+                break;
+            }
+            Ok(Some(Ok(_))) => continue,
+            Ok(Some(Err(_)) | None) => {
+                outcome.closed_by_server = true;
+                break;
+            }
+            Err(_) => break,
+        }
+    }
+    outcome
+}
+
+/// A churn client: connect, subscribe to `frames`, read for `hold`, close.
+pub async fn churn(ctx: Arc<Ctx>, index: usize, frames: Arc<Vec<String>>, hold: Duration) -> ChurnOutcome {
+    let started = Instant::now();
+    let mut ws = match open(&ctx, index).await {
+        Ok(ws) => ws,
+        Err(e) => {
+            ctx.stats.subscribes_failed.fetch_add(frames.len() as u64, Ordering::Relaxed);
+            ctx.stats.error(format!("churn: {e}"));
+            return ChurnOutcome::default();
+        }
+    };
+    let mut session = Session::new(frames.len(), Kind::Churn);
+    let subscribed = match session.subscribe(&mut ws, &frames).await {
+        Ok(()) => session.await_replies(&mut ws, &ctx).await,
+        Err(e) => {
+            ctx.stats.subscribes_failed.fetch_add(frames.len() as u64, Ordering::Relaxed);
+            Err(e)
+        }
+    };
+    if let Err(e) = subscribed {
+        ctx.stats.error(format!("churn: {e}"));
+        return ChurnOutcome { connected: true, ..ChurnOutcome::default() };
+    }
+    lock(&ctx.stats.churn_setup).saturating_record(started.elapsed().as_micros() as u64);
+    let _ = tokio::time::timeout(hold, async {
+        while let Some(Ok(message)) = ws.next().await {
+            if let Event::Closed(code) = session.handle(message, &ctx) {
+                ctx.stats.error(format!("churn: closed by server ({code})"));
+                break;
+            }
+        }
+    })
+    .await;
+    close(ws).await;
+    let mut deliveries = 0;
+    let mut duplicated = 0;
+    for seqs in &mut session.received {
+        deliveries += seqs.len() as u64;
+        seqs.sort_unstable();
+        duplicated += seqs.windows(2).filter(|w| w[0] == w[1]).count() as u64;
+    }
+    ChurnOutcome { connected: true, deliveries, duplicated }
+}

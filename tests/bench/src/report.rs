@@ -1,0 +1,468 @@
+//! Results: what a run measured (serialised as JSON with `--json`) and the
+//! plain-text summary.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use serde_json::Value;
+
+/// Latency percentiles, milliseconds.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Latency {
+    /// Samples.
+    pub count: u64,
+    /// Median.
+    pub p50: Option<f64>,
+    /// 90th percentile.
+    pub p90: Option<f64>,
+    /// 99th percentile.
+    pub p99: Option<f64>,
+    /// Largest.
+    pub max: Option<f64>,
+}
+
+impl Latency {
+    /// Percentiles of a histogram in µs.
+    pub fn from_histogram(h: &Histogram<u64>) -> Latency {
+        if h.is_empty() {
+            return Latency::default();
+        }
+        let ms = |us: u64| Some(us as f64 / 1000.0);
+        Latency {
+            count: h.len(),
+            p50: ms(h.value_at_quantile(0.50)),
+            p90: ms(h.value_at_quantile(0.90)),
+            p99: ms(h.value_at_quantile(0.99)),
+            max: ms(h.max()),
+        }
+    }
+}
+
+/// Timing of the connect or the subscribe phase.
+#[derive(Debug, Clone, Serialize)]
+pub struct PhaseTiming {
+    /// Attempted.
+    pub requested: u64,
+    /// Succeeded.
+    pub ok: u64,
+    /// Failed (refused, errors, no answer in time).
+    pub failed: u64,
+    /// Wall time of the phase.
+    pub seconds: f64,
+    /// `ok / seconds`.
+    pub per_second: Option<f64>,
+    /// Server CPU during the phase, seconds.
+    pub server_cpu_seconds: Option<f64>,
+}
+
+/// The server process, when `--server-pid` was given.
+#[derive(Debug, Clone, Serialize)]
+pub struct ServerReport {
+    /// Its pid.
+    pub pid: Option<u32>,
+    /// RSS before connecting, KiB.
+    pub rss_before_kib: Option<u64>,
+    /// RSS after connecting and subscribing, KiB.
+    pub rss_after_subscribe_kib: Option<u64>,
+    /// RSS after the triggers (clients still open), KiB.
+    pub rss_after_run_kib: Option<u64>,
+    /// RSS once the clients closed, KiB.
+    pub rss_after_close_kib: Option<u64>,
+    /// Largest RSS seen during the run (sampled every 100 ms), KiB.
+    pub rss_max_kib: Option<u64>,
+    /// (RSS after subscribing − RSS before) / connections established.
+    pub bytes_per_connection: Option<f64>,
+    /// Idle hold after subscribing.
+    pub hold_seconds: f64,
+    /// Server CPU during the hold, % of one core.
+    pub idle_cpu_percent: Option<f64>,
+}
+
+/// One step of triggers.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepReport {
+    /// Name.
+    pub name: String,
+    /// Target triggers per second; `null`: as fast as possible.
+    pub target_rate: Option<f64>,
+    /// Size of each trigger's data.
+    pub payload_bytes: usize,
+    /// Publishing time.
+    pub seconds: f64,
+    /// Triggers accepted (HTTP 2xx, or AMQP confirmed).
+    pub triggers: u64,
+    /// Triggers refused or failed.
+    pub triggers_failed: u64,
+    /// Triggers accepted per second.
+    pub trigger_rate: Option<f64>,
+    /// Deliveries expected to stable clients.
+    pub expected: u64,
+    /// Deliveries received by stable clients.
+    pub received: u64,
+    /// Expected but not received.
+    pub lost: u64,
+    /// Received more than once for one subscription.
+    pub duplicated: u64,
+    /// Received by a subscription the trigger should not reach.
+    pub unexpected: u64,
+    /// Deliveries received / (last delivery − step start).
+    pub deliveries_per_second: Option<f64>,
+    /// Every expected delivery arrived within the drain timeout.
+    pub drained: bool,
+    /// Time from the last trigger to the last expected delivery.
+    pub drain_seconds: f64,
+    /// Trigger → delivery latency.
+    pub latency_ms: Latency,
+    /// Server CPU during the step (publishing + draining).
+    pub server_cpu_seconds: Option<f64>,
+    /// Same, % of one core.
+    pub server_cpu_percent: Option<f64>,
+    /// Server CPU per trigger accepted, µs.
+    pub server_cpu_us_per_trigger: Option<f64>,
+    /// Server CPU per expected delivery, µs.
+    pub server_cpu_us_per_delivery: Option<f64>,
+    /// The bench's own CPU during the step, % of one core (near 100 %
+    /// per bench core means the bench, not the server, was the limit).
+    pub bench_cpu_percent: Option<f64>,
+}
+
+/// Delivery counters.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Deliveries {
+    /// Expected but not received.
+    pub lost: u64,
+    /// Received more than once.
+    pub duplicated: u64,
+    /// Received but not expected.
+    pub unexpected: u64,
+    /// Publish frames that are not the bench's.
+    pub foreign: u64,
+}
+
+/// Delivery totals of a run (stable clients).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Counts {
+    /// Expected.
+    pub expected: u64,
+    /// Received.
+    pub received: u64,
+    /// Expected but not received.
+    pub lost: u64,
+    /// Received more than once.
+    pub duplicated: u64,
+    /// Received but not expected.
+    pub unexpected: u64,
+    /// Not the bench's.
+    pub foreign: u64,
+}
+
+/// Slow clients.
+#[derive(Debug, Clone, Serialize)]
+pub struct SlowReport {
+    /// How many.
+    pub count: u64,
+    /// Connected and subscribed.
+    pub subscribed: u64,
+    /// Closed by the server by the end of the run (close frame, or the
+    /// connection dropped: a close frame cannot pass a full socket).
+    pub closed_by_server: u64,
+    /// Of those, closed with a 1013 close frame that got through.
+    pub closed_1013: u64,
+}
+
+/// Churn clients.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChurnReport {
+    /// Target new clients per second.
+    pub rate: f64,
+    /// Started.
+    pub attempted: u64,
+    /// Connected and authorised.
+    pub connected: u64,
+    /// Their subscriptions that succeeded.
+    pub subscribes_ok: u64,
+    /// Their subscriptions that failed.
+    pub subscribes_failed: u64,
+    /// Publish frames they received.
+    pub deliveries: u64,
+    /// Publish frames they received twice.
+    pub duplicated: u64,
+    /// Connect + authorise + subscribe time.
+    pub setup_ms: Latency,
+    /// Trigger → delivery latency of their deliveries.
+    pub latency_ms: Latency,
+}
+
+/// One run.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunReport {
+    /// Name.
+    pub name: String,
+    /// Room spaces.
+    pub spaces: Vec<String>,
+    /// Connect phase (stable and slow clients).
+    pub connections: PhaseTiming,
+    /// Subscribe phase (stable and slow clients).
+    pub subscriptions: PhaseTiming,
+    /// The server process.
+    pub server: ServerReport,
+    /// Trigger steps.
+    pub steps: Vec<StepReport>,
+    /// Delivery totals.
+    pub deliveries: Counts,
+    /// Slow clients, if any.
+    pub slow_clients: Option<SlowReport>,
+    /// Churn clients, if any.
+    pub churn: Option<ChurnReport>,
+    /// Problems seen, by kind.
+    pub errors: BTreeMap<String, u64>,
+    /// The bench's CPU time.
+    pub bench_cpu_seconds: Option<f64>,
+    /// Wall time.
+    pub wall_seconds: f64,
+}
+
+impl RunReport {
+    /// Correctness problems of this run (empty: correct).
+    pub fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if self.connections.failed > 0 {
+            problems.push(format!("{}: {} connections failed", self.name, self.connections.failed));
+        }
+        if self.subscriptions.failed > 0 {
+            problems.push(format!("{}: {} subscriptions failed", self.name, self.subscriptions.failed));
+        }
+        let d = &self.deliveries;
+        if d.lost > 0 || d.duplicated > 0 || d.unexpected > 0 {
+            problems.push(format!(
+                "{}: {} lost, {} duplicated, {} unexpected deliveries",
+                self.name, d.lost, d.duplicated, d.unexpected
+            ));
+        }
+        let failed: u64 = self.steps.iter().map(|s| s.triggers_failed).sum();
+        if failed > 0 {
+            problems.push(format!("{}: {failed} triggers not accepted", self.name));
+        }
+        if let Some(churn) = &self.churn {
+            if churn.connected < churn.attempted || churn.subscribes_failed > 0 || churn.duplicated > 0 {
+                problems.push(format!(
+                    "{}: churn clients: {}/{} connected, {} subscriptions failed, {} duplicated",
+                    self.name, churn.connected, churn.attempted, churn.subscribes_failed, churn.duplicated
+                ));
+            }
+        }
+        problems
+    }
+}
+
+/// The whole invocation's result.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// `"high-templar-bench"`.
+    pub tool: &'static str,
+    /// Bench version.
+    pub version: &'static str,
+    /// Preset scenario, if one.
+    pub scenario: Option<String>,
+    /// Scale factor of the preset.
+    pub scale: Option<f64>,
+    /// Websocket URL (token removed).
+    pub url: String,
+    /// `http` or `amqp`, if triggers were sent.
+    pub publish: Option<String>,
+    /// Bootstrap requests the bundled backend answered (when it ran).
+    pub backend_requests: Option<u64>,
+    /// Runs.
+    pub runs: Vec<RunReport>,
+    /// Scenario-specific figures.
+    pub summary: Value,
+    /// Correctness problems (empty: zero lost, duplicated, unexpected;
+    /// every connection and subscription succeeded).
+    pub problems: Vec<String>,
+    /// `problems` is empty.
+    pub ok: bool,
+}
+
+fn opt(v: Option<f64>, digits: usize) -> String {
+    v.map_or_else(|| "-".to_string(), |v| format!("{v:.digits$}"))
+}
+
+fn kib(v: Option<u64>) -> String {
+    v.map_or_else(|| "-".to_string(), |v| format!("{:.1} MiB", v as f64 / 1024.0))
+}
+
+impl Report {
+    /// The plain-text summary.
+    pub fn text(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "high-templar-bench {}{} against {} (publish: {})",
+            self.scenario.as_deref().map_or("custom run".to_string(), |s| format!("scenario {s}")),
+            self.scale.map_or(String::new(), |s| format!(" scale {s}")),
+            self.url,
+            self.publish.as_deref().unwrap_or("-")
+        );
+        for run in &self.runs {
+            let _ = writeln!(out, "\nrun {} (rooms {})", run.name, run.spaces.join("; "));
+            let c = &run.connections;
+            let _ = writeln!(
+                out,
+                "  connections   {}/{} in {:.2}s = {}/s, server CPU {}s{}",
+                c.ok,
+                c.requested,
+                c.seconds,
+                opt(c.per_second, 0),
+                opt(c.server_cpu_seconds, 2),
+                if c.failed > 0 { format!(", {} FAILED", c.failed) } else { String::new() }
+            );
+            let s = &run.subscriptions;
+            let _ = writeln!(
+                out,
+                "  subscriptions {}/{} in {:.2}s = {}/s, server CPU {}s{}",
+                s.ok,
+                s.requested,
+                s.seconds,
+                opt(s.per_second, 0),
+                opt(s.server_cpu_seconds, 2),
+                if s.failed > 0 { format!(", {} FAILED", s.failed) } else { String::new() }
+            );
+            let v = &run.server;
+            if v.pid.is_some() {
+                let _ = writeln!(
+                    out,
+                    "  server rss    before {}, subscribed {}, after run {}, after close {}, max {}; {} bytes/connection",
+                    kib(v.rss_before_kib),
+                    kib(v.rss_after_subscribe_kib),
+                    kib(v.rss_after_run_kib),
+                    kib(v.rss_after_close_kib),
+                    kib(v.rss_max_kib),
+                    opt(v.bytes_per_connection, 0)
+                );
+                if v.hold_seconds > 0.0 {
+                    let _ = writeln!(
+                        out,
+                        "  idle          {:.1}s held, server CPU {}% of a core",
+                        v.hold_seconds,
+                        opt(v.idle_cpu_percent, 2)
+                    );
+                }
+            }
+            if !run.steps.is_empty() {
+                let _ = writeln!(
+                    out,
+                    "  {:<18} {:>9} {:>9} {:>11} {:>10} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>6} {:>5} {:>5}",
+                    "step",
+                    "trig/s",
+                    "triggers",
+                    "deliveries",
+                    "deliv/s",
+                    "p50 ms",
+                    "p90 ms",
+                    "p99 ms",
+                    "max ms",
+                    "cpu us/tr",
+                    "srv cpu%",
+                    "lost",
+                    "dup",
+                    "unexp"
+                );
+                for st in &run.steps {
+                    let _ = writeln!(
+                        out,
+                        "  {:<18} {:>9} {:>9} {:>11} {:>10} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>6} {:>5} {:>5}{}",
+                        st.name,
+                        opt(st.trigger_rate, 0),
+                        st.triggers,
+                        st.received,
+                        opt(st.deliveries_per_second, 0),
+                        opt(st.latency_ms.p50, 2),
+                        opt(st.latency_ms.p90, 2),
+                        opt(st.latency_ms.p99, 2),
+                        opt(st.latency_ms.max, 2),
+                        opt(st.server_cpu_us_per_trigger, 1),
+                        opt(st.server_cpu_percent, 0),
+                        st.lost,
+                        st.duplicated,
+                        st.unexpected,
+                        if st.drained { "" } else { "  (not drained)" }
+                    );
+                }
+            }
+            let d = &run.deliveries;
+            let _ = writeln!(
+                out,
+                "  deliveries    expected {}, received {}, lost {}, duplicated {}, unexpected {}{}",
+                d.expected,
+                d.received,
+                d.lost,
+                d.duplicated,
+                d.unexpected,
+                if d.foreign > 0 { format!(", foreign {}", d.foreign) } else { String::new() }
+            );
+            if let Some(slow) = &run.slow_clients {
+                let _ = writeln!(
+                    out,
+                    "  slow clients  {} ({} subscribed, {} closed by the server, {} of them with a 1013 frame)",
+                    slow.count, slow.subscribed, slow.closed_by_server, slow.closed_1013
+                );
+            }
+            if let Some(churn) = &run.churn {
+                let _ = writeln!(
+                    out,
+                    "  churn         {}/s: {} started, {} connected, {} subscribed ({} failed), setup p50 {} p99 {} ms, {} deliveries, {} duplicated",
+                    churn.rate,
+                    churn.attempted,
+                    churn.connected,
+                    churn.subscribes_ok,
+                    churn.subscribes_failed,
+                    opt(churn.setup_ms.p50, 1),
+                    opt(churn.setup_ms.p99, 1),
+                    churn.deliveries,
+                    churn.duplicated
+                );
+            }
+            for (error, n) in &run.errors {
+                let _ = writeln!(out, "  error         {n} × {error}");
+            }
+            let _ =
+                writeln!(out, "  bench         {:.1}s wall, {}s CPU", run.wall_seconds, opt(run.bench_cpu_seconds, 2));
+        }
+        if let Value::Object(summary) = &self.summary {
+            if !summary.is_empty() {
+                let _ = writeln!(out, "\nsummary");
+                for (key, value) in summary {
+                    let _ = writeln!(out, "  {key}: {value}");
+                }
+            }
+        }
+        let sum = |f: fn(&RunReport) -> u64| self.runs.iter().map(f).sum::<u64>();
+        let _ = writeln!(
+            out,
+            "\ntotals: {}/{} connections, {}/{} subscriptions, {}/{} deliveries, {} lost, {} duplicated, {} unexpected",
+            sum(|r| r.connections.ok),
+            sum(|r| r.connections.requested),
+            sum(|r| r.subscriptions.ok),
+            sum(|r| r.subscriptions.requested),
+            sum(|r| r.deliveries.received),
+            sum(|r| r.deliveries.expected),
+            sum(|r| r.deliveries.lost),
+            sum(|r| r.deliveries.duplicated),
+            sum(|r| r.deliveries.unexpected),
+        );
+        if self.ok {
+            let _ = writeln!(
+                out,
+                "correctness: OK (no lost, duplicated or unexpected deliveries; all subscribes succeeded)"
+            );
+        } else {
+            let _ = writeln!(out, "correctness: FAILED");
+            for problem in &self.problems {
+                let _ = writeln!(out, "  {problem}");
+            }
+        }
+        out
+    }
+}
