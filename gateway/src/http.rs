@@ -21,6 +21,13 @@ use crate::metrics::{Reason, TriggerSource};
 use crate::session;
 use crate::trigger::Trigger;
 
+/// Read buffer per websocket; larger client messages still work (they are
+/// read in several chunks), up to `limits.maxMessageBytes`.
+pub const READ_BUFFER_BYTES: usize = 4096;
+/// Bytes buffered before a write goes to the socket; every batch of
+/// publish frames is flushed at its end regardless.
+pub const WRITE_BUFFER_BYTES: usize = 16 * 1024;
+
 /// The router of one gateway process.
 pub fn router(gateway: Arc<Gateway>) -> Router {
     Router::new()
@@ -78,6 +85,11 @@ async fn websocket(
     upgrade
         .max_message_size(max)
         .max_frame_size(max)
+        // tungstenite's defaults (128 KiB each) cost memory per connection
+        // and a 128 KiB memset per read; client frames are small, and
+        // publish frames are batched per flush anyway.
+        .read_buffer_size(READ_BUFFER_BYTES)
+        .write_buffer_size(WRITE_BUFFER_BYTES)
         .on_failed_upgrade(|e| warn!(error = %e, "websocket upgrade failed"))
         .on_upgrade(move |socket| tracker.track_future(session::run(socket, gateway, backend_headers, peer)))
 }

@@ -8,7 +8,7 @@ use clap::Parser;
 use high_templar_gateway::broker::amqp::redact_url;
 use high_templar_gateway::cli::{Cli, Command};
 use high_templar_gateway::config::Secret;
-use high_templar_gateway::process::{init_logging, termination};
+use high_templar_gateway::process::{init_logging, raise_open_file_limit, termination};
 use high_templar_gateway::server::{Server, StartError};
 
 /// Exit code for an unusable configuration.
@@ -42,6 +42,7 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     init_logging(args.log_format);
+    raise_open_file_limit();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

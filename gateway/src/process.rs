@@ -34,6 +34,15 @@ pub fn init_logging(format: LogFormat) {
     }
 }
 
+/// Raises the soft open-file limit to the hard limit: every websocket is a
+/// file descriptor, and the usual soft limit (1024) would cap connections.
+pub fn raise_open_file_limit() {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => tracing::debug!(limit, "open-file limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+    }
+}
+
 /// Resolves on SIGTERM or SIGINT.
 pub async fn termination() {
     use tokio::signal::unix::{SignalKind, signal};

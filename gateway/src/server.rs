@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -123,6 +124,11 @@ impl Server {
         tokio::spawn(shutdown_sequence);
         let app = crate::http::router(gateway.clone()).into_make_service_with_connect_info::<SocketAddr>();
         let stopped = stop_accepting.clone();
+        // Small frames must not wait for Nagle's algorithm (tens of ms on
+        // the first publish after a reply).
+        let listener = listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         axum::serve(listener, app).with_graceful_shutdown(async move { stopped.cancelled().await }).await?;
         // Sessions close at random moments within the window; give them a
         // little more to send their close frames, then leave anyway.

@@ -293,11 +293,31 @@ async fn consume(shared: &Shared) -> Result<(), Lost> {
     shared.set_ready(true);
     info!(exchange = %shared.config.exchange, queue = %queue.name(), "consuming triggers from RabbitMQ");
 
-    while let Some(delivery) = consumer.next().await {
-        let delivery = delivery.map_err(lost(true))?;
-        on_body(shared, &delivery.data);
-        // Acked after the fan-out, so prefetch bounds what is in flight.
-        delivery.ack(BasicAckOptions::default()).await.map_err(lost(true))?;
+    // Fan out what is already received, then acknowledge the batch with one
+    // `multiple` ack: a per-message ack costs a round of wake-ups each.
+    // Acking after the fan-out keeps the prefetch bounding what is in flight.
+    let batch = usize::from(shared.config.prefetch / 2).max(1);
+    let mut ended = false;
+    while let Some(first) = consumer.next().await {
+        let mut last = first.map_err(lost(true))?;
+        on_body(shared, &last.data);
+        for _ in 1..batch {
+            match consumer.next().now_or_never() {
+                Some(Some(next)) => {
+                    last = next.map_err(lost(true))?;
+                    on_body(shared, &last.data);
+                }
+                Some(None) => {
+                    ended = true;
+                    break;
+                }
+                None => break,
+            }
+        }
+        last.ack(BasicAckOptions { multiple: true }).await.map_err(lost(true))?;
+        if ended {
+            break;
+        }
     }
     let _ = connection.close(200, "consumer ended".into()).await;
     Ok(())
