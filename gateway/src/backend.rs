@@ -108,6 +108,9 @@ impl BootstrapClient {
             .connect_timeout(timeout)
             .redirect(reqwest::redirect::Policy::none())
             .pool_idle_timeout(Duration::from_secs(60))
+            // A connect storm opens many backend connections at once; keep
+            // only a few idle afterwards (each holds buffers of ~20 KiB).
+            .pool_max_idle_per_host(32)
             .user_agent(concat!("high-templar-gateway/", env!("CARGO_PKG_VERSION")));
         if let Some(socket) = &config.socket {
             builder = builder.unix_socket(socket.clone());

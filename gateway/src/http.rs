@@ -23,7 +23,7 @@ use crate::trigger::Trigger;
 
 /// Read buffer per websocket; larger client messages still work (they are
 /// read in several chunks), up to `limits.maxMessageBytes`.
-pub const READ_BUFFER_BYTES: usize = 4096;
+pub const READ_BUFFER_BYTES: usize = 1024;
 /// Bytes buffered before a write goes to the socket; every batch of
 /// publish frames is flushed at its end regardless.
 pub const WRITE_BUFFER_BYTES: usize = 16 * 1024;

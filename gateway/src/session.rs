@@ -222,7 +222,9 @@ pub async fn run(
     let limits = &gateway.config.limits;
     let idle_timeout = seconds(limits.idle_timeout_seconds);
 
-    let allowed = match gateway.backend.bootstrap(backend_headers).await {
+    // Boxed: the HTTP call's state would otherwise be part of this task's
+    // allocation for the whole life of the connection.
+    let allowed = match Box::pin(gateway.backend.bootstrap(backend_headers)).await {
         Ok(allowed) => allowed,
         Err(e) => {
             info!(peer = %peer, outcome = e.outcome(), error = %e, "connection refused");
