@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,7 +17,7 @@ use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use axum::http::{HeaderName, HeaderValue};
 use futures_util::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
-use tokio::time::{interval_at, sleep, sleep_until};
+use tokio::time::{Sleep, interval_at, sleep};
 use tracing::{debug, info};
 
 use crate::backend::CLOSE_TRY_AGAIN_LATER;
@@ -169,15 +170,21 @@ fn close_message(code: u16, reason: &'static str) -> Message {
 }
 
 /// Runs `write` unless the client proves too slow first: its queue
-/// overflowed, or the write does not complete within `limit`.
-async fn write_or_stop<F>(write: F, handle: &SessionHandle, limit: Duration) -> Result<(), Stop>
+/// overflowed, or the write is still stuck when the idle timer fires.
+/// Both futures live for the whole session, so a write registers no timer
+/// and no waiter of its own (this runs once per delivery batch).
+async fn write_or_stop<F>(
+    write: F,
+    overflowed: Pin<&mut impl Future<Output = ()>>,
+    idle: Pin<&mut Sleep>,
+) -> Result<(), Stop>
 where
     F: Future<Output = Result<(), axum::Error>>,
 {
     tokio::select! {
         result = write => result.map_err(|_| Stop::ClientGone),
-        _ = handle.overflowed() => Err(Stop::SlowConsumer),
-        _ = sleep(limit) => Err(Stop::SlowConsumer),
+        _ = overflowed => Err(Stop::SlowConsumer),
+        _ = idle => Err(Stop::SlowConsumer),
     }
 }
 
@@ -247,7 +254,12 @@ pub async fn run(
 
     let ping_every = seconds(limits.ping_interval_seconds);
     let mut pings = interval_at(tokio::time::Instant::now() + ping_every, ping_every);
-    let mut idle_deadline = tokio::time::Instant::now() + idle_timeout;
+    // Created once and reset, not re-created per loop turn: each new timer
+    // or cancellation waiter costs a registration.
+    let idle = sleep(idle_timeout);
+    tokio::pin!(idle);
+    let overflowed = handle.overflowed();
+    tokio::pin!(overflowed);
     // On shutdown each session waits a random part of the close window, so
     // clients reconnect to other pods spread out rather than all at once.
     let window = seconds(gateway.config.shutdown.close_window_seconds);
@@ -263,9 +275,9 @@ pub async fn run(
     let stop = loop {
         tokio::select! {
             biased;
-            _ = handle.overflowed() => break Stop::SlowConsumer,
+            _ = &mut overflowed => break Stop::SlowConsumer,
             _ = &mut shutdown => break Stop::Shutdown,
-            _ = sleep_until(idle_deadline) => break Stop::Idle,
+            _ = &mut idle => break Stop::Idle,
             frame = socket.next() => {
                 let text = match frame {
                     None => break Stop::ClientGone,
@@ -279,21 +291,21 @@ pub async fn run(
                     Some(Ok(Message::Pong(_))) => continue,
                     Some(Ok(Message::Ping(_))) => None,
                 };
-                idle_deadline = tokio::time::Instant::now() + idle_timeout;
+                idle.as_mut().reset(tokio::time::Instant::now() + idle_timeout);
                 if let Some(text) = text {
                     let reply = session.on_text(&text);
-                    if let Err(stop) = write_or_stop(socket.send(Message::Text(reply.into())), &handle, idle_timeout).await {
+                    if let Err(stop) = write_or_stop(socket.send(Message::Text(reply.into())), overflowed.as_mut(), idle.as_mut()).await {
                         break stop;
                     }
                 }
             }
             Some(first) = queue.recv() => {
-                if let Err(stop) = write_or_stop(write_batch(&mut socket, first, &mut queue), &handle, idle_timeout).await {
+                if let Err(stop) = write_or_stop(write_batch(&mut socket, first, &mut queue), overflowed.as_mut(), idle.as_mut()).await {
                     break stop;
                 }
             }
             _ = pings.tick() => {
-                if let Err(stop) = write_or_stop(socket.send(Message::Ping(Default::default())), &handle, idle_timeout).await {
+                if let Err(stop) = write_or_stop(socket.send(Message::Ping(Default::default())), overflowed.as_mut(), idle.as_mut()).await {
                     break stop;
                 }
             }
