@@ -23,6 +23,8 @@
 # correct, 1 otherwise.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+# shellcheck source=tests/bench/lib.sh
+. tests/bench/lib.sh
 
 all=(idle hot sparse wildcard storm churn)
 scale=1
@@ -74,34 +76,13 @@ ulimit -n 1048576 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 echo "scenarios: open-file limit $(ulimit -n)"
 
 pids=()
-stop_pid() {
-  kill "$1" 2>/dev/null || true
-  wait "$1" 2>/dev/null || true
-}
 cleanup() {
   for pid in "${pids[@]}"; do stop_pid "$pid"; done
 }
 trap cleanup EXIT
 trap 'exit 1' INT TERM
 
-listening() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-free_port() {
-  local port
-  for _ in $(seq 1 50); do
-    port=$((20000 + RANDOM % 10000))
-    listening "$port" || { echo "$port"; return; }
-  done
-  echo "scenarios: no free port" >&2; return 1
-}
 
-http_ok() { # port path: GET answered 200
-  (
-    exec 3<>"/dev/tcp/127.0.0.1/$1" || exit 1
-    printf 'GET %s HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n' "$2" >&3
-    read -r -t 2 _ status _ <&3 || exit 1
-    [ "$status" = 200 ]
-  ) 2>/dev/null
-}
 
 backend_port=$(free_port)
 "${bench_cpu[@]}" "$bench" serve-backend --listen "127.0.0.1:$backend_port" >"$results/backend.log" 2>&1 &

@@ -19,6 +19,8 @@
 # setup failed). Prints one line per run and a summary.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+# shellcheck source=tests/bench/lib.sh
+. tests/bench/lib.sh
 
 profile=debug
 amqp=1
@@ -36,7 +38,9 @@ for arg in "$@"; do
 done
 
 amqp_url="${HTB_AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}"
-exchange="hightemplar-bench-smoke"
+# One exchange per run, so concurrent runs never see each other's triggers;
+# non-durable, so it does not outlive a RabbitMQ restart.
+exchange="hightemplar-bench-smoke-$$"
 token="smoke-trigger-token"
 started=$(date +%s%N)
 
@@ -64,23 +68,6 @@ trap 'exit 2' INT TERM
 # Enough file descriptors for both sides (root may raise the hard limit).
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
-listening() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-free_port() {
-  local port
-  for _ in $(seq 1 50); do
-    port=$((20000 + RANDOM % 10000))
-    listening "$port" || { echo "$port"; return; }
-  done
-  echo "smoke: no free port found" >&2; exit 2
-}
-http_ok() { # port path: GET answered 200
-  (
-    exec 3<>"/dev/tcp/127.0.0.1/$1" || exit 1
-    printf 'GET %s HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n' "$2" >&3
-    read -r -t 2 _ status _ <&3 || exit 1
-    [ "$status" = 200 ]
-  ) 2>/dev/null
-}
 wait_ready() { # port path pid what
   for _ in $(seq 1 200); do
     if http_ok "$1" "$2"; then return 0; fi
@@ -154,7 +141,7 @@ if [ "$amqp" = 1 ]; then
     failed=1
     summary+=("FAIL  amqp: no RabbitMQ")
   else
-    HT_AMQP_URL="$amqp_url" start_gateway amqp --broker amqp --exchange "$exchange"
+    HT_AMQP_URL="$amqp_url" start_gateway amqp --broker amqp --exchange "$exchange" --exchange-durable false
     export HTB_AMQP_URL="$amqp_url"
     bench_run amqp run --publish amqp --exchange "$exchange" -n 100 -k 3 --rooms customer=10,warehouse=5 \
       --wildcard-share 0.3 --trigger-wildcard-share 0.3 --rate 1000 --duration 0.3

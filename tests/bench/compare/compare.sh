@@ -38,6 +38,8 @@
 # 2 on a setup failure.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
+# shellcheck source=tests/bench/lib.sh
+. "$here/../lib.sh"
 cd "$here/../../.."
 
 all=(idle hot sparse wildcard storm churn)
@@ -150,12 +152,6 @@ fi
 ulimit -n 1048576 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 pids=()
-stop_pid() {
-  kill "$1" 2>/dev/null || true
-  for _ in $(seq 1 50); do kill -0 "$1" 2>/dev/null || break; sleep 0.1; done
-  kill -9 "$1" 2>/dev/null || true
-  wait "$1" 2>/dev/null || true
-}
 cleanup() { # shellcheck disable=SC2317 # (called by the trap)
   for pid in "${pids[@]}"; do stop_pid "$pid"; done
 }
@@ -171,23 +167,6 @@ waited() {
   wait "$pid"
 }
 
-listening() { listening_on 127.0.0.1 "$1"; }
-free_port() {
-  local port
-  for _ in $(seq 1 50); do
-    port=$((20000 + RANDOM % 10000))
-    listening "$port" || { echo "$port"; return; }
-  done
-  die "no free port"
-}
-http_ok() { # port path: GET answered 200
-  (
-    exec 3<>"/dev/tcp/127.0.0.1/$1" || exit 1
-    printf 'GET %s HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n' "$2" >&3
-    read -r -t 2 _ status _ <&3 || exit 1
-    [ "$status" = 200 ]
-  ) 2>/dev/null
-}
 
 cat >"$results/gateway.yaml" <<EOF
 limits:
