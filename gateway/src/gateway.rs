@@ -39,11 +39,6 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    /// Whether this process should receive traffic (`/readyz`).
-    pub fn is_ready(&self) -> bool {
-        !self.draining.load(Ordering::Relaxed) && self.broker.is_ready()
-    }
-
     /// Whether shutdown has begun.
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
