@@ -133,12 +133,18 @@ pub struct BackendSpec {
     pub forward: Vec<ForwardRuleSpec>,
 }
 
+// Defaults come from the gateway's own configuration, so the CRD and the
+// gateway cannot disagree on them.
+fn gateway_defaults() -> high_templar_gateway::config::Config {
+    high_templar_gateway::config::Config::default()
+}
+
 fn default_bootstrap_path() -> String {
-    "bootstrap/".into()
+    gateway_defaults().backend.bootstrap_path
 }
 
 fn default_timeout() -> i32 {
-    5
+    gateway_defaults().backend.timeout_seconds as i32
 }
 
 /// Forward one header to the backend.
@@ -218,7 +224,7 @@ pub struct RabbitmqSpec {
     #[schemars(length(min = 1, max = 255))]
     pub exchange: String,
     /// Declare the exchange durable.
-    #[serde(default = "default_true")]
+    #[serde(default = "default_durable")]
     pub durable: bool,
     /// `Retain` (default) or `Delete` the exchange with this resource.
     #[serde(default)]
@@ -226,11 +232,11 @@ pub struct RabbitmqSpec {
 }
 
 fn default_exchange() -> String {
-    "hightemplar".into()
+    gateway_defaults().broker.amqp.exchange
 }
 
-fn default_true() -> bool {
-    true
+fn default_durable() -> bool {
+    gateway_defaults().broker.amqp.exchange_durable
 }
 
 /// `POST /trigger`.
@@ -264,16 +270,16 @@ pub struct LimitsSpec {
 }
 
 fn default_max_connections() -> i64 {
-    50_000
+    gateway_defaults().limits.max_connections as i64
 }
 fn default_max_subscriptions() -> i64 {
-    1_000
+    gateway_defaults().limits.max_subscriptions_per_connection as i64
 }
 fn default_max_message_bytes() -> i64 {
-    65_536
+    gateway_defaults().limits.max_message_bytes as i64
 }
 fn default_idle_timeout() -> i64 {
-    300
+    gateway_defaults().limits.idle_timeout_seconds as i64
 }
 
 impl Default for LimitsSpec {
@@ -302,10 +308,10 @@ pub struct ShutdownSpec {
 }
 
 fn default_drain_delay() -> i32 {
-    5
+    gateway_defaults().shutdown.drain_delay_seconds as i32
 }
 fn default_close_window() -> i32 {
-    10
+    gateway_defaults().shutdown.close_window_seconds as i32
 }
 
 impl Default for ShutdownSpec {
