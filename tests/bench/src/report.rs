@@ -285,6 +285,20 @@ pub struct Report {
     pub ok: bool,
 }
 
+/// `  <label> ok/requested in Ns = N/s, server CPU Ns[, N FAILED]`.
+fn phase_line(out: &mut String, label: &str, p: &PhaseTiming) {
+    let _ = writeln!(
+        out,
+        "  {label} {}/{} in {:.2}s = {}/s, server CPU {}s{}",
+        p.ok,
+        p.requested,
+        p.seconds,
+        opt(p.per_second, 0),
+        opt(p.server_cpu_seconds, 2),
+        if p.failed > 0 { format!(", {} FAILED", p.failed) } else { String::new() }
+    );
+}
+
 fn opt(v: Option<f64>, digits: usize) -> String {
     v.map_or_else(|| "-".to_string(), |v| format!("{v:.digits$}"))
 }
@@ -307,28 +321,8 @@ impl Report {
         );
         for run in &self.runs {
             let _ = writeln!(out, "\nrun {} (rooms {})", run.name, run.spaces.join("; "));
-            let c = &run.connections;
-            let _ = writeln!(
-                out,
-                "  connections   {}/{} in {:.2}s = {}/s, server CPU {}s{}",
-                c.ok,
-                c.requested,
-                c.seconds,
-                opt(c.per_second, 0),
-                opt(c.server_cpu_seconds, 2),
-                if c.failed > 0 { format!(", {} FAILED", c.failed) } else { String::new() }
-            );
-            let s = &run.subscriptions;
-            let _ = writeln!(
-                out,
-                "  subscriptions {}/{} in {:.2}s = {}/s, server CPU {}s{}",
-                s.ok,
-                s.requested,
-                s.seconds,
-                opt(s.per_second, 0),
-                opt(s.server_cpu_seconds, 2),
-                if s.failed > 0 { format!(", {} FAILED", s.failed) } else { String::new() }
-            );
+            phase_line(&mut out, "connections  ", &run.connections);
+            phase_line(&mut out, "subscriptions", &run.subscriptions);
             let v = &run.server;
             if v.pid.is_some() {
                 let _ = writeln!(
