@@ -151,12 +151,19 @@ pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
 }
 
-/// `GET http://127.0.0.1:<port><path>`; the status code, if anything answered.
-pub async fn http_status(port: u16, path: &str) -> Option<u16> {
+/// `GET http://127.0.0.1:<port><path>`: status code and raw response, if
+/// anything answered.
+pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
     s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await.ok()?;
     let mut out = String::new();
     s.read_to_string(&mut out).await.ok()?;
-    out.split_whitespace().nth(1)?.parse().ok()
+    let status = out.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, out))
+}
+
+/// The status code of `GET http://127.0.0.1:<port><path>`, if anything answered.
+pub async fn http_status(port: u16, path: &str) -> Option<u16> {
+    http_get(port, path).await.map(|(status, _)| status)
 }

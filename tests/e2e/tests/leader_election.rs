@@ -12,7 +12,7 @@ use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 use tokio::process::{Child, Command};
 
-use high_templar_e2e::{WAIT, client, free_port, install_crd, kubeconfig_path, workspace_binary};
+use high_templar_e2e::{WAIT, client, free_port, http_get, install_crd, kubeconfig_path, workspace_binary};
 
 fn operator(identity: &str, ns: &str, port: u16) -> Child {
     Command::new(workspace_binary("high-templar-operator"))
@@ -27,13 +27,9 @@ fn operator(identity: &str, ns: &str, port: u16) -> Child {
         .expect("spawn operator")
 }
 
+/// The body of a 200 answer.
 async fn get(port: u16, path: &str) -> Option<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await.ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.ok()?;
-    out.starts_with("HTTP/1.1 200").then_some(out)
+    http_get(port, path).await.and_then(|(status, body)| (status == 200).then_some(body))
 }
 
 async fn is_leader(port: u16) -> bool {
