@@ -104,8 +104,7 @@ async fn an_exchange_declared_by_3x_is_used_as_it_is() {
 
 #[tokio::test]
 async fn broker_down_at_startup_is_not_ready_keeps_retrying_and_hides_the_password() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
-    let http_port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+    let (port, http_port) = (common::free_port(), common::free_port());
     let url = backend().serve().await;
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_high-templar-gateway"))
         .args(["serve", "--broker", "amqp", "--backend-url", &url, "--listen", &format!("127.0.0.1:{http_port}")])
@@ -134,9 +133,7 @@ async fn broker_down_at_startup_is_not_ready_keeps_retrying_and_hides_the_passwo
     assert!(child.try_wait().expect("status").is_none(), "the process keeps running");
     child.start_kill().expect("kill");
     let _ = child.wait().await;
-    let mut logs = String::new();
-    use tokio::io::AsyncReadExt;
-    child.stderr.take().expect("stderr").read_to_string(&mut logs).await.expect("logs");
+    let logs = common::stderr_of(&mut child).await;
     assert!(logs.contains("RabbitMQ unavailable"), "{logs}");
     assert!(logs.contains("ht:***@127.0.0.1"), "the URL is logged redacted: {logs}");
     assert!(!logs.contains("hunter2"), "the password leaked: {logs}");

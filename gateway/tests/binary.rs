@@ -67,15 +67,11 @@ fn flags_and_env_override_the_file_and_secrets_are_redacted() {
     assert!(!stdout.contains("super-secret-token"), "{stdout}");
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
-}
-
 #[tokio::test]
 async fn sigterm_drains_closes_with_1001_and_exits_0() {
     let backend = TestBackend::new().answer("bob", Answer::rooms(json!([{"user": 2}])));
     let url = backend.serve().await;
-    let port = free_port();
+    let port = common::free_port();
     let path = temp_file(
         "shutdown",
         &format!(
@@ -120,9 +116,7 @@ async fn sigterm_drains_closes_with_1001_and_exits_0() {
 
     let exit = tokio::time::timeout(common::WAIT, child.wait()).await.expect("exits in time").expect("wait");
     assert_eq!(exit.code(), Some(0));
-    let mut logs = String::new();
-    use tokio::io::AsyncReadExt;
-    child.stderr.take().expect("stderr").read_to_string(&mut logs).await.expect("read logs");
+    let logs = common::stderr_of(&mut child).await;
     assert!(logs.contains("connection closed"), "lifecycle is logged: {logs}");
     for secret in ["super-secret-token", "cookie-secret", "token=bob", "Token bob"] {
         assert!(!logs.contains(secret), "logs leak {secret:?}: {logs}");

@@ -136,7 +136,7 @@ async fn backend_refusal_vs_backend_failure() {
 #[tokio::test]
 async fn unreachable_backend_closes_with_try_again_later() {
     // A port that was just free: nothing listens there.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+    let port = common::free_port();
     let gw = TestGateway::start(common::test_config(&format!("http://127.0.0.1:{port}/api/"), "")).await;
     let (frame, ended) = refused(&gw, "alice").await;
     assert_eq!(frame, json!({"is_authorized": false, "is_authenticated": false}));

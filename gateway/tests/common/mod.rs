@@ -469,3 +469,16 @@ impl TestGateway {
         .await;
     }
 }
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+/// Everything an exited child process wrote to its (piped) stderr.
+pub async fn stderr_of(child: &mut tokio::process::Child) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut logs = String::new();
+    child.stderr.take().expect("stderr piped").read_to_string(&mut logs).await.expect("read stderr");
+    logs
+}
