@@ -1,8 +1,10 @@
+# shellcheck shell=bash
 # Shell helpers shared by tests/bench/smoke.sh, scenarios.sh and
 # compare/compare.sh. Source it; it defines functions only.
 
-# listening PORT: something accepts connections on 127.0.0.1:PORT.
-listening() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+# listening PORT [HOST]: something accepts connections on HOST:PORT
+# (HOST: 127.0.0.1 by default).
+listening() { (exec 3<>"/dev/tcp/${2:-127.0.0.1}/$1") 2>/dev/null; }
 
 # free_port: prints a loopback port nothing listens on (fails after 50 tries).
 free_port() {
@@ -15,11 +17,13 @@ free_port() {
   return 1
 }
 
-# http_ok PORT PATH: GET http://127.0.0.1:PORT/PATH answers 200.
+# http_ok PORT PATH [HOST]: GET http://HOST:PORT/PATH answers 200 (HOST:
+# 127.0.0.1 by default).
 http_ok() {
   (
-    exec 3<>"/dev/tcp/127.0.0.1/$1" || exit 1
-    printf 'GET %s HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n' "$2" >&3
+    local host=${3:-127.0.0.1}
+    exec 3<>"/dev/tcp/$host/$1" || exit 1
+    printf 'GET %s HTTP/1.0\r\nHost: %s\r\n\r\n' "$2" "$host" >&3
     read -r -t 2 _ status _ <&3 || exit 1
     [ "$status" = 200 ]
   ) 2>/dev/null

@@ -14,6 +14,10 @@
 # --amqp-url U  RabbitMQ (default amqp://guest:guest@127.0.0.1:5672/%2f,
 #               or HTB_AMQP_URL)
 # --no-build    use the release binaries already in target/release
+# --netns       run the gateway in its own network namespace behind a veth
+#               pair instead of on loopback (needs root and iproute2's ip;
+#               memory broker only), with receive packet steering so the
+#               bench's receive work runs on the bench's core: see below
 # -- ARGS…      extra arguments for every bench invocation
 #
 # The gateway runs pinned to core 0 (taskset -c 0), the bench and its
@@ -21,6 +25,16 @@
 # get as many open files as the hard limit allows. Everything started here
 # is stopped on exit. Exit status: 0 when every scenario ran and was
 # correct, 1 otherwise.
+#
+# On loopback the kernel does the receiver's TCP work on the sender's core,
+# so the bench's receive processing of every delivery is billed to the
+# gateway's core. --netns emulates two hosts instead: namespace htb-gw-PID
+# holds the gateway on 10.203.0.1 (veth htbg-PID); the host side (veth
+# htbh-PID) has 10.203.0.2 (the bundled backend listens there) and
+# 10.203.0.3 … 10.203.0.18 (the bench's source addresses). RPS steers
+# packets arriving on the host side (gateway → bench) to core 1 and those
+# arriving on the gateway side (bench → gateway) to core 0. The namespace
+# and the veth pair are removed on exit.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 # shellcheck source=tests/bench/lib.sh
@@ -33,6 +47,7 @@ broker=memory
 publish=http
 amqp_url="${HTB_AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}"
 build=1
+netns=0
 scenarios=()
 extra=()
 while [ $# -gt 0 ]; do
@@ -43,14 +58,23 @@ while [ $# -gt 0 ]; do
     --publish) publish=$2; shift 2 ;;
     --amqp-url) amqp_url=$2; shift 2 ;;
     --no-build) build=0; shift ;;
+    --netns) netns=1; shift ;;
     --) shift; extra=("$@"); break ;;
-    -h|--help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,37p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     idle|hot|sparse|wildcard|storm|churn) scenarios+=("$1"); shift ;;
     *) echo "scenarios.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
 [ ${#scenarios[@]} -gt 0 ] || scenarios=("${all[@]}")
 [ "$publish" = amqp ] && broker=amqp
+if [ "$netns" = 1 ]; then
+  [ "$(id -u)" = 0 ] || { echo "scenarios: --netns needs root (network namespace, veth pair, RPS)" >&2; exit 2; }
+  command -v ip >/dev/null 2>&1 \
+    || { echo "scenarios: --netns needs ip from iproute2 (apt-get install iproute2)" >&2; exit 2; }
+  # The namespace has no route out: a RabbitMQ on the host's loopback is out of reach.
+  [ "$broker" = memory ] \
+    || { echo "scenarios: --netns runs the memory broker only (the gateway cannot reach the host's RabbitMQ)" >&2; exit 2; }
+fi
 results=${results:-target/bench-results/$(date -u +%Y%m%dT%H%M%SZ)}
 mkdir -p "$results"
 
@@ -76,18 +100,93 @@ ulimit -n 1048576 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 echo "scenarios: open-file limit $(ulimit -n)"
 
 pids=()
+ns=""
+# shellcheck disable=SC2317 # run by the EXIT trap
 cleanup() {
   for pid in "${pids[@]}"; do stop_pid "$pid"; done
+  if [ -n "$ns" ]; then
+    # Deleting one end of a veth pair deletes both; the namespace goes with
+    # its last process.
+    ip link del "$host_veth" 2>/dev/null || true
+    ip netns del "$ns" 2>/dev/null || true
+  fi
 }
 trap cleanup EXIT
 trap 'exit 1' INT TERM
 
+# Where the gateway listens, where the backend listens, how the gateway is
+# started, and extra bench flags: loopback by default, the namespace with --netns.
+gw_host=127.0.0.1
+backend_host=127.0.0.1
+gw_exec=()
+netns_bench=()
+if [ "$netns" = 1 ]; then
+  subnet=10.203.0
+  if [ -n "$(ip -o -4 addr show to "$subnet.0/24")" ]; then
+    echo "scenarios: --netns: $subnet.0/24 is already in use on this host (another --netns run?):" >&2
+    ip -o -4 addr show to "$subnet.0/24" >&2
+    exit 2
+  fi
+  ns="htb-gw-$$"
+  host_veth="htbh-$$"
+  gw_veth="htbg-$$"
+  echo "scenarios: --netns: namespace $ns, veth $host_veth ($subnet.2, $subnet.3-18) <-> $gw_veth ($subnet.1)"
+  ip netns add "$ns" || { echo "scenarios: --netns: 'ip netns add $ns' failed" >&2; ns=""; exit 2; }
+  ip link add "$host_veth" type veth peer name "$gw_veth"
+  ip link set "$gw_veth" netns "$ns"
+  ip -n "$ns" link set lo up
+  ip -n "$ns" addr add "$subnet.1/24" dev "$gw_veth"
+  ip -n "$ns" link set "$gw_veth" up
+  ip addr add "$subnet.2/24" dev "$host_veth"
+  for i in $(seq 3 18); do ip addr add "$subnet.$i/24" dev "$host_veth"; done
+  ip link set "$host_veth" up
+  # A new namespace starts with the kernel's defaults: give the gateway the
+  # host's listen backlog limits.
+  # (/proc/sys/net shows the namespace of the process reading it.)
+  for key in net/core/somaxconn net/ipv4/tcp_max_syn_backlog; do
+    # shellcheck disable=SC2016 # expanded by the inner shell
+    ip netns exec "$ns" sh -c 'echo "$1" >"/proc/sys/$2"' sh "$(cat "/proc/sys/$key")" "$key" \
+      || echo "scenarios: --netns: could not copy $key into the namespace" >&2
+  done
+  # RPS: gateway → bench packets (arriving on the host side) on the bench's
+  # core, bench → gateway packets (arriving on the gateway side) on the
+  # gateway's core. /sys shows a namespace's devices only from inside it.
+  if [ ${#server_cpu[@]} -gt 0 ]; then
+    rps=/sys/class/net/$host_veth/queues/rx-0/rps_cpus
+    if [ -w "$rps" ]; then
+      echo 2 >"$rps"
+      echo "scenarios: --netns: RPS $host_veth -> core 1 (rps_cpus $(cat "$rps"))"
+    else
+      echo "scenarios: --netns: $rps does not exist: no RPS, gateway -> bench packets are processed on the sending core" >&2
+    fi
+    rps=/sys/class/net/$gw_veth/queues/rx-0/rps_cpus
+    # shellcheck disable=SC2016 # expanded by the inner shell
+    if ip netns exec "$ns" sh -c '[ -w "$1" ] && echo 1 >"$1"' sh "$rps"; then
+      echo "scenarios: --netns: RPS $gw_veth -> core 0 (rps_cpus $(ip netns exec "$ns" cat "$rps"))"
+    else
+      echo "scenarios: --netns: $rps does not exist in $ns: no RPS, bench -> gateway packets are processed on the sending core" >&2
+    fi
+  else
+    echo "scenarios: --netns: not pinning, so no RPS either" >&2
+  fi
+  gw_host=$subnet.1
+  backend_host=$subnet.2
+  gw_exec=(ip netns exec "$ns")
+  netns_bench=(--source-base "$subnet.3" --source-addrs 16)
+fi
 
+# Packets dropped because a core's input backlog was full (second column
+# of /proc/net/softnet_stat, one line per CPU, hexadecimal).
+softnet_drops() {
+  local total=0 dropped
+  while read -r _ dropped _; do total=$((total + 16#$dropped)); done </proc/net/softnet_stat
+  echo "$total"
+}
 
 backend_port=$(free_port)
-"${bench_cpu[@]}" "$bench" serve-backend --listen "127.0.0.1:$backend_port" >"$results/backend.log" 2>&1 &
+"${bench_cpu[@]}" "$bench" serve-backend --listen "$backend_host:$backend_port" >"$results/backend.log" 2>&1 &
 pids+=($!)
-for _ in $(seq 1 200); do listening "$backend_port" && break; sleep 0.05; done
+for _ in $(seq 1 200); do listening "$backend_port" "$backend_host" && break; sleep 0.05; done
 
 token="bench-$RANDOM$RANDOM"
 exchange=hightemplar
@@ -102,18 +201,19 @@ EOF
 status=0
 for scenario in "${scenarios[@]}"; do
   port=$(free_port)
-  gw_args=(serve --config "$results/gateway.yaml" --listen "127.0.0.1:$port"
-    --backend-url "http://127.0.0.1:$backend_port/" --trigger-token "$token")
+  gw_args=(serve --config "$results/gateway.yaml" --listen "$gw_host:$port"
+    --backend-url "http://$backend_host:$backend_port/" --trigger-token "$token")
   if [ "$broker" = amqp ]; then
     gw_args+=(--broker amqp --exchange "$exchange")
   fi
-  HT_LOG=warn HT_AMQP_URL="$amqp_url" "${server_cpu[@]}" "$gateway" "${gw_args[@]}" \
+  # ip netns exec and taskset exec what follows: $! is the gateway itself.
+  HT_LOG=warn HT_AMQP_URL="$amqp_url" "${gw_exec[@]}" "${server_cpu[@]}" "$gateway" "${gw_args[@]}" \
     >"$results/gateway-$scenario.log" 2>&1 &
   gw=$!
   pids+=("$gw")
   ready=0
   for _ in $(seq 1 200); do
-    if http_ok "$port" /readyz; then ready=1; break; fi
+    if http_ok "$port" /readyz "$gw_host"; then ready=1; break; fi
     kill -0 "$gw" 2>/dev/null || break
     sleep 0.05
   done
@@ -123,13 +223,27 @@ for scenario in "${scenarios[@]}"; do
     stop_pid "$gw"
     continue
   fi
-  echo "scenarios: $scenario (scale $scale, broker $broker, publish $publish)"
+  if [ "$netns" = 1 ]; then
+    if [ "$(readlink "/proc/$gw/exe")" != "$(readlink -f "$gateway")" ]; then
+      echo "scenarios: pid $gw is not the gateway ($(readlink "/proc/$gw/exe")): server figures would be wrong" >&2
+      status=1
+      stop_pid "$gw"
+      continue
+    fi
+    drops_before=$(softnet_drops)
+  fi
+  echo "scenarios: $scenario (scale $scale, broker $broker, publish $publish$([ "$netns" = 1 ] && echo ", netns $ns"))"
   rc=0
   HTB_AMQP_URL="$amqp_url" HTB_TRIGGER_TOKEN="$token" "${bench_cpu[@]}" "$bench" scenario "$scenario" \
-    --scale "$scale" --url "ws://127.0.0.1:$port/ws/" --server-pid "$gw" --publish "$publish" \
-    --exchange "$exchange" --json "${extra[@]}" >"$results/$scenario.json" 2>"$results/$scenario.txt" || rc=$?
+    --scale "$scale" --url "ws://$gw_host:$port/ws/" --server-pid "$gw" --publish "$publish" \
+    --exchange "$exchange" --json "${netns_bench[@]}" "${extra[@]}" \
+    >"$results/$scenario.json" 2>"$results/$scenario.txt" || rc=$?
   grep -v '^\[bench\]' "$results/$scenario.txt" || true
   [ "$rc" = 0 ] || { echo "scenarios: $scenario exited with $rc" >&2; status=1; }
+  if [ "$netns" = 1 ]; then
+    drops=$(($(softnet_drops) - drops_before))
+    [ "$drops" = 0 ] || echo "scenarios: $scenario: $drops packets dropped by full input backlogs (net.core.netdev_max_backlog $(cat /proc/sys/net/core/netdev_max_backlog)); TCP retransmitted them" >&2
+  fi
   stop_pid "$gw"
 done
 

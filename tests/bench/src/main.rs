@@ -18,7 +18,7 @@ mod rooms;
 mod run;
 mod scenarios;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -110,9 +110,15 @@ struct CommonArgs {
     /// PID of the server process, for RSS (/proc/PID/status) and CPU (/proc/PID/stat).
     #[arg(long, env = "HTB_SERVER_PID")]
     server_pid: Option<u32>,
-    /// Spread connections over source addresses 127.0.0.2 … 127.0.0.(N+1) (0: the kernel's choice).
+    /// Spread connections over N source addresses (0: the kernel's choice): 127.0.0.2 … 127.0.0.(N+1),
+    /// or N from --source-base on.
     #[arg(long, default_value_t = 16)]
     source_addrs: usize,
+    /// First of the --source-addrs addresses (IPv4; each must be an address of this machine), for a server
+    /// off loopback but on this machine, e.g. in a network namespace behind a veth pair (scenarios.sh
+    /// --netns); a --url off loopback needs it. Default: 127.0.0.2, for a server on loopback.
+    #[arg(long, value_name = "ADDR")]
+    source_base: Option<Ipv4Addr>,
     /// Connections being opened at once, at most.
     #[arg(long, default_value_t = 256)]
     connect_concurrency: usize,
@@ -387,6 +393,22 @@ fn parse_url(url: &str, token: &str) -> Result<(String, String), String> {
     Ok((authority, format!("{with_path}{separator}token={encoded}")))
 }
 
+/// Every source address given with --source-base can be bound: it is an
+/// address of this machine (bound to port 0, released at once).
+fn check_sources(sources: &[IpAddr]) -> Result<(), String> {
+    for &source in sources {
+        let socket = match source {
+            IpAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+            IpAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+        }
+        .map_err(|e| format!("socket: {e}"))?;
+        socket.bind(SocketAddr::new(source, 0)).map_err(|e| {
+            format!("--source-base: cannot bind source address {source} ({e}); is it an address of this machine?")
+        })?;
+    }
+    Ok(())
+}
+
 async fn execute(
     common: &CommonArgs,
     specs: Vec<RunSpec>,
@@ -408,8 +430,15 @@ async fn execute(
         .map_err(|e| format!("--url: cannot resolve {authority}: {e}"))?
         .next()
         .ok_or_else(|| format!("--url: {authority} resolves to nothing"))?;
-    if !server.ip().is_loopback() {
-        return Err(format!("--url: {server} is not a loopback address; the bench only targets this machine"));
+    if !server.ip().is_loopback() && common.source_base.is_none() {
+        return Err(format!(
+            "--url: {server} is not a loopback address; the bench only targets this machine \
+             (a server in a network namespace of this machine: give --source-base, an address of this side of the link)"
+        ));
+    }
+    let sources = run::source_addresses(&server, common.source_addrs, common.source_base)?;
+    if common.source_base.is_some() {
+        check_sources(&sources)?;
     }
 
     // The bundled backend, when asked for.
@@ -456,7 +485,7 @@ async fn execute(
     let options = Options {
         url,
         server,
-        sources: run::source_addresses(&server, common.source_addrs),
+        sources,
         connect_concurrency: common.connect_concurrency,
         connect_timeout: secs(common.connect_timeout),
         subscribe_timeout: secs(common.subscribe_timeout),
@@ -535,5 +564,11 @@ mod tests {
         let Command::Run(args) = cli.command else { panic!("run") };
         assert_eq!(args.rooms, vec!["a=2,b=3".to_string(), "u=4".to_string()]);
         assert_eq!(args.rates, vec![1.0, 2.0]);
+        assert_eq!(args.common.source_base, None);
+        let cli = Cli::try_parse_from(["b", "scenario", "hot", "--source-base", "10.203.0.3", "--source-addrs", "4"])
+            .expect("parses");
+        let Command::Scenario(args) = cli.command else { panic!("scenario") };
+        assert_eq!((args.common.source_base, args.common.source_addrs), (Some(Ipv4Addr::new(10, 203, 0, 3)), 4));
+        assert!(Cli::try_parse_from(["b", "run", "--source-base", "::1"]).is_err());
     }
 }

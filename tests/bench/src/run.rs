@@ -154,13 +154,29 @@ pub struct Options {
     pub progress: bool,
 }
 
-/// Loopback source addresses 127.0.0.2 … 127.0.0.(n+1) when the server is
-/// on loopback; none (the kernel chooses) otherwise or when `n` is 0.
-pub fn source_addresses(server: &SocketAddr, n: usize) -> Vec<IpAddr> {
-    if n == 0 || !server.ip().is_loopback() || !server.is_ipv4() {
-        return Vec::new();
+/// Source addresses to spread `n` connections over: with a `base`, the `n`
+/// IPv4 addresses from it on (`base`, `base`+1, …); without, loopback
+/// 127.0.0.2 … 127.0.0.(n+1) (at most 250) when the server is on IPv4
+/// loopback, and none (the kernel chooses) otherwise. None when `n` is 0.
+pub fn source_addresses(server: &SocketAddr, n: usize, base: Option<Ipv4Addr>) -> Result<Vec<IpAddr>, String> {
+    if n == 0 {
+        return Ok(Vec::new());
     }
-    (0..n.min(250)).map(|i| IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2 + i as u8))).collect()
+    let Some(base) = base else {
+        if !server.ip().is_loopback() || !server.is_ipv4() {
+            return Ok(Vec::new());
+        }
+        return Ok((0..n.min(250)).map(|i| IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2 + i as u8))).collect());
+    };
+    if !server.is_ipv4() {
+        return Err(format!("--source-base {base} is IPv4 and the server {server} is not"));
+    }
+    let first = u32::from(base);
+    let last = u32::try_from(n - 1)
+        .ok()
+        .and_then(|extra| first.checked_add(extra))
+        .ok_or_else(|| format!("--source-base {base} with --source-addrs {n}: past 255.255.255.255"))?;
+    Ok((first..=last).map(|a| IpAddr::V4(Ipv4Addr::from(a))).collect())
 }
 
 fn progress(options: &Options, message: impl AsRef<str>) {
@@ -720,11 +736,29 @@ mod tests {
     #[test]
     fn source_addresses_only_on_loopback() {
         let local: SocketAddr = "127.0.0.1:8080".parse().expect("addr");
-        let sources = source_addresses(&local, 3);
+        let sources = source_addresses(&local, 3, None).expect("no base");
         assert_eq!(sources.len(), 3);
         assert_eq!(sources[0].to_string(), "127.0.0.2");
-        assert!(source_addresses(&local, 0).is_empty());
-        assert!(source_addresses(&"[::1]:8080".parse().expect("addr"), 3).is_empty());
+        assert!(source_addresses(&local, 0, None).expect("no base").is_empty());
+        assert!(source_addresses(&"[::1]:8080".parse().expect("addr"), 3, None).expect("no base").is_empty());
+        let veth: SocketAddr = "10.203.0.1:8080".parse().expect("addr");
+        assert!(source_addresses(&veth, 3, None).expect("no base").is_empty());
+    }
+
+    #[test]
+    fn source_addresses_from_a_base() {
+        let veth: SocketAddr = "10.203.0.1:8080".parse().expect("addr");
+        let base = Some(Ipv4Addr::new(10, 203, 0, 3));
+        let sources = source_addresses(&veth, 16, base).expect("fits");
+        let shown: Vec<String> = sources.iter().map(ToString::to_string).collect();
+        assert_eq!(shown.len(), 16);
+        assert_eq!((shown[0].as_str(), shown[15].as_str()), ("10.203.0.3", "10.203.0.18"));
+        // Past the last octet it carries on into the next one.
+        let sources = source_addresses(&veth, 2, Some(Ipv4Addr::new(10, 0, 0, 255))).expect("fits");
+        assert_eq!(sources[1].to_string(), "10.0.1.0");
+        assert!(source_addresses(&veth, 0, base).expect("none").is_empty());
+        assert!(source_addresses(&veth, 2, Some(Ipv4Addr::BROADCAST)).is_err());
+        assert!(source_addresses(&"[::1]:8080".parse().expect("addr"), 2, base).is_err());
     }
 
     #[test]
