@@ -2,20 +2,17 @@
 //! fan-out of a trigger to them.
 //!
 //! Fan-out runs under the index lock and never waits: each matching
-//! subscription gets a [`Delivery`] pushed with `try_send` onto its session's
-//! bounded queue. A full queue marks the session as a slow consumer (it then
-//! closes itself with 1013); nobody else waits for it.
+//! subscription gets a [`Delivery`] pushed onto its session's bounded
+//! [`OutboundQueue`]. A full queue marks the session as a slow consumer (it
+//! then closes itself with 1013); nobody else waits for it.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Instant, SystemTime};
 
-use tokio::sync::mpsc;
-use tokio::sync::mpsc::error::TrySendError;
-use tokio_util::sync::CancellationToken;
-
 use crate::index::{RoomIndex, SubscriptionId};
 use crate::metrics::{Metrics, Reason};
+use crate::outbound::{OutboundQueue, Pushed};
 use crate::protocol::{self, HubStatus, RequestId};
 use crate::room::Room;
 use crate::trigger::Trigger;
@@ -43,26 +40,10 @@ impl Delivery {
     }
 }
 
-/// The hub's handle on one session: its queue and its slow-consumer flag.
-#[derive(Debug)]
-pub struct SessionHandle {
-    /// Queue of publish frames to the session's socket writer.
-    queue: mpsc::Sender<Delivery>,
-    /// Cancelled when the queue overflowed: the session must close (1013).
-    overflowed: CancellationToken,
-}
-
-impl SessionHandle {
-    /// Resolves when the session fell too far behind and must close.
-    pub async fn overflowed(&self) {
-        self.overflowed.cancelled().await
-    }
-}
-
 /// What the index stores per subscription.
 struct Subscriber {
-    /// The session to deliver to.
-    session: Arc<SessionHandle>,
+    /// The queue of the session to deliver to.
+    session: Arc<OutboundQueue>,
     /// `<requestId>}` of this subscription.
     suffix: Arc<str>,
 }
@@ -105,20 +86,13 @@ impl Hub {
         self.index.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// A new session's handle and the receiving end of its queue.
-    pub fn open_session(&self, queue: usize) -> (Arc<SessionHandle>, mpsc::Receiver<Delivery>) {
-        let (tx, rx) = mpsc::channel(queue);
-        let handle = SessionHandle { queue: tx, overflowed: CancellationToken::new() };
-        (Arc::new(handle), rx)
-    }
-
     fn publish_gauges(&self, index: &RoomIndex<Subscriber>) {
         self.metrics.rooms_active.set(index.rooms() as i64);
         self.metrics.subscriptions_active.set(index.subscriptions() as i64);
     }
 
     /// Subscribes `session` to `room`; the returned id unsubscribes.
-    pub fn subscribe(&self, session: &Arc<SessionHandle>, room: &Room, request_id: &RequestId) -> SubscriptionId {
+    pub fn subscribe(&self, session: &Arc<OutboundQueue>, room: &Room, request_id: &RequestId) -> SubscriptionId {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let subscriber = Subscriber { session: session.clone(), suffix: request_id.publish_suffix() };
         let mut index = self.index();
@@ -152,14 +126,9 @@ impl Hub {
                     return;
                 }
                 let delivery = Delivery { prefix: prefix.clone(), suffix: subscriber.suffix.clone() };
-                match subscriber.session.queue.try_send(delivery) {
-                    Ok(()) => out.delivered += 1,
-                    Err(TrySendError::Full(_)) => {
-                        out.dropped += 1;
-                        subscriber.session.overflowed.cancel();
-                    }
-                    // The session is closing and will unsubscribe itself.
-                    Err(TrySendError::Closed(_)) => {}
+                match subscriber.session.push(delivery) {
+                    Pushed::Queued => out.delivered += 1,
+                    Pushed::Dropped => out.dropped += 1,
                 }
             });
         }
@@ -213,12 +182,12 @@ mod tests {
     #[test]
     fn one_copy_per_subscription_per_trigger() {
         let hub = Hub::new(Arc::new(Metrics::new()));
-        let (session, mut rx) = hub.open_session(8);
+        let session = Arc::new(OutboundQueue::new(8));
         hub.subscribe(&session, &room(json!({"u": "*"})), &rid("a"));
         hub.subscribe(&session, &room(json!({"u": 1})), &rid("b"));
         let t = Trigger::parse(br#"{"rooms":[{"u":1},{"u":2},{"u":"*"}],"data":7}"#).expect("trigger");
         assert_eq!(hub.fan_out(&t), FanOut { delivered: 2, dropped: 0 });
-        let mut got: Vec<_> = std::iter::from_fn(|| rx.try_recv().ok()).map(|d| frame(&d)).collect();
+        let mut got: Vec<_> = std::iter::from_fn(|| session.pop()).map(|d| frame(&d)).collect();
         got.sort_by_key(|v| v["requestId"].to_string());
         assert_eq!(
             got,
@@ -232,24 +201,24 @@ mod tests {
     #[test]
     fn full_queue_marks_the_slow_consumer_only() {
         let hub = Hub::new(Arc::new(Metrics::new()));
-        let (slow, _slow_rx) = hub.open_session(1);
-        let (fast, mut fast_rx) = hub.open_session(8);
+        let slow = Arc::new(OutboundQueue::new(1));
+        let fast = Arc::new(OutboundQueue::new(8));
         hub.subscribe(&slow, &room(json!({"r": 1})), &rid("s"));
         hub.subscribe(&fast, &room(json!({"r": 1})), &rid("f"));
         let t = Trigger::parse(br#"{"rooms":[{"r":1}]}"#).expect("trigger");
         assert_eq!(hub.fan_out(&t), FanOut { delivered: 2, dropped: 0 });
-        assert!(!slow.overflowed.is_cancelled());
+        assert!(!slow.is_overflowed());
         assert_eq!(hub.fan_out(&t), FanOut { delivered: 1, dropped: 1 });
-        assert!(slow.overflowed.is_cancelled());
-        assert!(!fast.overflowed.is_cancelled());
-        assert_eq!(std::iter::from_fn(|| fast_rx.try_recv().ok()).count(), 2);
+        assert!(slow.is_overflowed());
+        assert!(!fast.is_overflowed());
+        assert_eq!(std::iter::from_fn(|| fast.pop()).count(), 2);
     }
 
     #[test]
     fn unsubscribe_stops_delivery_and_updates_gauges() {
         let metrics = Arc::new(Metrics::new());
         let hub = Hub::new(metrics.clone());
-        let (s, mut rx) = hub.open_session(8);
+        let s = Arc::new(OutboundQueue::new(8));
         let r = room(json!({"r": 1}));
         let id = hub.subscribe(&s, &r, &rid("x"));
         assert_eq!(metrics.subscriptions_active.get(), 1);
@@ -257,7 +226,7 @@ mod tests {
         assert_eq!((metrics.subscriptions_active.get(), metrics.rooms_active.get()), (0, 0));
         let t = Trigger::parse(br#"{"rooms":[{"r":1}]}"#).expect("trigger");
         assert_eq!(hub.fan_out(&t).delivered, 0);
-        assert!(rx.try_recv().is_err());
+        assert!(s.pop().is_none());
         assert_eq!(hub.status().num_rooms, 0);
     }
 }

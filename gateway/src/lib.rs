@@ -20,6 +20,8 @@
 //! State and I/O:
 //! - [`hub`]: `Hub`, the process's subscriptions and the fan-out to
 //!   per-session bounded queues.
+//! - [`outbound`]: `OutboundQueue`, one session's bounded queue of publish
+//!   frames and its slow-consumer flag.
 //! - [`backend`]: `BootstrapClient`, the call to the existing API.
 //! - [`session`]: one websocket connection, bootstrap to close.
 //! - [`broker`]: the `Broker` trait and its transports.
@@ -42,6 +44,7 @@ pub mod http;
 pub mod hub;
 pub mod index;
 pub mod metrics;
+pub mod outbound;
 pub mod process;
 pub mod protocol;
 pub mod room;

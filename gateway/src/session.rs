@@ -1,31 +1,37 @@
 //! `Session`: one websocket connection, from the bootstrap call to close.
 //!
-//! One task per connection drives everything: it reads client frames,
-//! answers them, writes queued publish frames in batches (feed all that is
+//! One task per connection drives everything: it reads client frames and
+//! answers them (pipelined frames already read are all answered before one
+//! flush), writes queued publish frames in batches (feed all that is
 //! queued, flush once), sends server pings, and enforces the idle timeout.
+//!
+//! The task is what every idle connection costs, so it is kept small: the
+//! socket is boxed, one timer serves pings, the idle timeout, the shutdown
+//! spread and stuck writes (its deadline is moved lazily: activity only
+//! updates a field and the timer re-checks when it fires), and the queue
+//! allocates nothing until the first delivery.
 //! It stops for one [`Stop`] reason, sends the matching close frame, and
 //! removes its subscriptions from the hub.
 
 use std::collections::HashMap;
-use std::future::Future;
+use std::future::{Future, poll_fn};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use axum::http::{HeaderName, HeaderValue};
-use futures_util::{SinkExt, StreamExt};
-use tokio::sync::mpsc;
-use tokio::time::{Sleep, interval_at, sleep};
+use futures_util::{FutureExt, SinkExt, StreamExt};
+use tokio::time::{Instant, Sleep, sleep_until};
 use tracing::{debug, info};
 
 use crate::backend::CLOSE_TRY_AGAIN_LATER;
 use crate::config::seconds;
 use crate::gateway::Gateway;
-use crate::hub::{Delivery, SessionHandle};
 use crate::index::SubscriptionId;
 use crate::metrics::Reason;
+use crate::outbound::{OutboundQueue, Ready};
 use crate::protocol::{self, ClientFrame, RequestError, RequestId};
 use crate::room::Room;
 
@@ -37,7 +43,8 @@ pub const CLOSE_GOING_AWAY: u16 = 1001;
 pub const CLOSE_NORMAL: u16 = 1000;
 
 /// Publish frames written per flush at most, so a busy queue cannot starve
-/// reading the client.
+/// reading the client; also the most pipelined client frames answered per
+/// flush, so a chatty client cannot starve its deliveries.
 const MAX_BATCH: usize = 256;
 
 /// Why a session ended.
@@ -87,7 +94,7 @@ struct Session {
     /// Subscriptions by `requestId`.
     subscriptions: HashMap<RequestId, (Room, SubscriptionId)>,
     /// This session's queue and overflow flag, as the hub sees them.
-    handle: Arc<SessionHandle>,
+    queue: Arc<OutboundQueue>,
     /// Shared process state.
     gateway: Arc<Gateway>,
 }
@@ -144,7 +151,7 @@ impl Session {
         if !self.allowed.iter().any(|a| a.permits(&room)) {
             return Err(RequestError::RoomNotFound);
         }
-        let id = self.gateway.hub.subscribe(&self.handle, &room, request_id);
+        let id = self.gateway.hub.subscribe(&self.queue, &room, request_id);
         self.subscriptions.insert(request_id.clone(), (room, id));
         Ok(())
     }
@@ -169,38 +176,124 @@ fn close_message(code: u16, reason: &'static str) -> Message {
     Message::Close(Some(CloseFrame { code, reason: Utf8Bytes::from_static(reason) }))
 }
 
-/// Runs `write` unless the client proves too slow first: its queue
-/// overflowed, or the write is still stuck when the idle timer fires.
-/// Both futures live for the whole session, so a write registers no timer
-/// and no waiter of its own (this runs once per delivery batch).
-async fn write_or_stop<F>(
-    write: F,
-    overflowed: Pin<&mut impl Future<Output = ()>>,
-    idle: Pin<&mut Sleep>,
-) -> Result<(), Stop>
-where
-    F: Future<Output = Result<(), axum::Error>>,
-{
-    tokio::select! {
-        result = write => result.map_err(|_| Stop::ClientGone),
-        _ = overflowed => Err(Stop::SlowConsumer),
-        _ = idle => Err(Stop::SlowConsumer),
+/// When the session's one timer must next look at the session.
+#[derive(Debug, Clone, Copy)]
+struct Deadlines {
+    /// No client activity by then: close with 1000. Also the latest a
+    /// write may still be stuck before the client counts as too slow.
+    idle_at: Instant,
+    /// Next server ping.
+    ping_at: Instant,
+    /// Shutdown: close with 1001 then (a random point of the close window).
+    close_at: Option<Instant>,
+}
+
+impl Deadlines {
+    /// The earliest of them.
+    fn next(&self) -> Instant {
+        let next = self.idle_at.min(self.ping_at);
+        self.close_at.map_or(next, |close| close.min(next))
     }
 }
 
-/// Feeds the first delivery and whatever else is queued (up to
-/// [`MAX_BATCH`]), then flushes once.
-async fn write_batch(
-    socket: &mut WebSocket,
-    first: Delivery,
-    queue: &mut mpsc::Receiver<Delivery>,
-) -> Result<(), axum::Error> {
-    socket.feed(Message::Text(first.text().into())).await?;
-    for _ in 1..MAX_BATCH {
-        let Ok(next) = queue.try_recv() else { break };
-        socket.feed(Message::Text(next.text().into())).await?;
+/// Runs `write` unless the client proves too slow first: its queue
+/// overflowed, or the write is still stuck at `deadline`. The session's
+/// timer is reused (moved to `deadline` only if it fires meanwhile), so a
+/// write registers no timer of its own; this runs once per delivery batch.
+async fn write_or_stop<T, F>(
+    write: F,
+    queue: &OutboundQueue,
+    mut timer: Pin<&mut Sleep>,
+    deadline: Instant,
+) -> Result<T, Stop>
+where
+    F: Future<Output = Result<T, Stop>>,
+{
+    tokio::pin!(write);
+    loop {
+        tokio::select! {
+            biased;
+            result = &mut write => return result,
+            _ = poll_fn(|cx| queue.poll_overflowed(cx)) => return Err(Stop::SlowConsumer),
+            _ = timer.as_mut() => {
+                if Instant::now() >= deadline {
+                    return Err(Stop::SlowConsumer);
+                }
+                timer.as_mut().reset(deadline);
+            }
+        }
     }
-    socket.flush().await
+}
+
+/// Feeds queued publish frames (up to [`MAX_BATCH`]), then flushes once.
+async fn write_batch(socket: &mut WebSocket, queue: &OutboundQueue) -> Result<(), Stop> {
+    for _ in 0..MAX_BATCH {
+        let Some(delivery) = queue.pop() else { break };
+        socket.feed(Message::Text(delivery.text().into())).await.map_err(|_| Stop::ClientGone)?;
+    }
+    socket.flush().await.map_err(|_| Stop::ClientGone)
+}
+
+/// A client frame, as far as the session is concerned.
+enum Incoming {
+    /// A request (text, or binary holding UTF-8).
+    Text(Utf8Bytes),
+    /// A websocket ping (tungstenite answers it): activity, no reply.
+    Ping,
+    /// A websocket pong: the peer is alive, but browsers send these by
+    /// themselves, so it is not client activity.
+    Pong,
+}
+
+impl Incoming {
+    fn read(frame: Option<Result<Message, axum::Error>>) -> Result<Incoming, Stop> {
+        match frame {
+            None => Err(Stop::ClientGone),
+            Some(Err(e)) if is_too_big(&e) => Err(Stop::TooBig),
+            Some(Err(_)) | Some(Ok(Message::Close(_))) => Err(Stop::ClientGone),
+            Some(Ok(Message::Text(t))) => Ok(Incoming::Text(t)),
+            Some(Ok(Message::Binary(b))) => Ok(Incoming::Text(Utf8Bytes::try_from(b).unwrap_or_default())),
+            Some(Ok(Message::Ping(_))) => Ok(Incoming::Ping),
+            Some(Ok(Message::Pong(_))) => Ok(Incoming::Pong),
+        }
+    }
+}
+
+/// Answers `first` and every further client frame that can be read without
+/// waiting (a pipelined burst of subscribes), then flushes the replies once.
+/// Returns whether any frame counted as client activity.
+async fn answer_frames(
+    socket: &mut WebSocket,
+    session: &mut Session,
+    first: Option<Result<Message, axum::Error>>,
+) -> Result<bool, Stop> {
+    let mut frame = first;
+    let mut active = false;
+    let mut unflushed = false;
+    for answered in 1.. {
+        match Incoming::read(frame)? {
+            Incoming::Pong => {}
+            Incoming::Ping => active = true,
+            Incoming::Text(text) => {
+                active = true;
+                let reply = session.on_text(&text);
+                socket.feed(Message::Text(reply.into())).await.map_err(|_| Stop::ClientGone)?;
+                unflushed = true;
+            }
+        }
+        // A frame taken here must be answered, so look only while under the cap.
+        if answered == MAX_BATCH {
+            break;
+        }
+        match socket.next().now_or_never() {
+            Some(next) => frame = next,
+            None => break,
+        }
+    }
+    if unflushed {
+        socket.flush().await.map_err(|_| Stop::ClientGone)?;
+    }
+    Ok(active)
 }
 
 fn is_too_big(e: &axum::Error) -> bool {
@@ -216,8 +309,22 @@ fn is_too_big(e: &axum::Error) -> bool {
 }
 
 /// Drives one websocket from bootstrap to close.
-pub async fn run(
-    mut socket: WebSocket,
+///
+/// A plain function around [`serve`]: the socket is boxed before the
+/// connection's future exists, so that future (the bulk of what an idle
+/// connection costs) holds a pointer instead of the socket, which rustc
+/// would otherwise store twice (argument and local).
+pub fn run(
+    socket: WebSocket,
+    gateway: Arc<Gateway>,
+    backend_headers: Vec<(HeaderName, HeaderValue)>,
+    peer: SocketAddr,
+) -> impl Future<Output = ()> + Send {
+    serve(Box::new(socket), gateway, backend_headers, peer)
+}
+
+async fn serve(
+    mut socket: Box<WebSocket>,
     gateway: Arc<Gateway>,
     backend_headers: Vec<(HeaderName, HeaderValue)>,
     peer: SocketAddr,
@@ -225,7 +332,7 @@ pub async fn run(
     gateway.metrics.connections_open.inc();
     gateway.metrics.connections.inc();
     let _open = OpenConnection(gateway.clone());
-    let started = Instant::now();
+    let started = std::time::Instant::now();
     let limits = &gateway.config.limits;
     let idle_timeout = seconds(limits.idle_timeout_seconds);
 
@@ -248,67 +355,64 @@ pub async fn run(
         return;
     }
 
-    let (handle, mut queue) = gateway.hub.open_session(limits.outbound_queue);
+    let queue = Arc::new(OutboundQueue::new(limits.outbound_queue));
     let mut session =
-        Session { allowed, subscriptions: HashMap::new(), handle: handle.clone(), gateway: gateway.clone() };
+        Session { allowed, subscriptions: HashMap::new(), queue: queue.clone(), gateway: gateway.clone() };
 
     let ping_every = seconds(limits.ping_interval_seconds);
-    let mut pings = interval_at(tokio::time::Instant::now() + ping_every, ping_every);
-    // Created once and reset, not re-created per loop turn: each new timer
-    // or cancellation waiter costs a registration.
-    let idle = sleep(idle_timeout);
-    tokio::pin!(idle);
-    let overflowed = handle.overflowed();
-    tokio::pin!(overflowed);
+    let now = Instant::now();
+    let mut clock = Deadlines { idle_at: now + idle_timeout, ping_at: now + ping_every, close_at: None };
+    let timer = sleep_until(clock.next());
+    tokio::pin!(timer);
+    let shutdown = gateway.close_sessions.cancelled();
+    tokio::pin!(shutdown);
     // On shutdown each session waits a random part of the close window, so
     // clients reconnect to other pods spread out rather than all at once.
     let window = seconds(gateway.config.shutdown.close_window_seconds);
-    let shutdown = {
-        let gateway = gateway.clone();
-        async move {
-            gateway.close_sessions.cancelled().await;
-            sleep(window.mul_f64(rand::random::<f64>())).await;
-        }
-    };
-    tokio::pin!(shutdown);
 
     let stop = loop {
         tokio::select! {
             biased;
-            _ = &mut overflowed => break Stop::SlowConsumer,
-            _ = &mut shutdown => break Stop::Shutdown,
-            _ = &mut idle => break Stop::Idle,
-            frame = socket.next() => {
-                let text = match frame {
-                    None => break Stop::ClientGone,
-                    Some(Err(e)) if is_too_big(&e) => break Stop::TooBig,
-                    Some(Err(_)) => break Stop::ClientGone,
-                    Some(Ok(Message::Close(_))) => break Stop::ClientGone,
-                    Some(Ok(Message::Text(t))) => Some(t),
-                    Some(Ok(Message::Binary(b))) => Some(Utf8Bytes::try_from(b).unwrap_or_default()),
-                    // Browsers answer pings by themselves: a pong says the
-                    // peer is alive, not that the client is active.
-                    Some(Ok(Message::Pong(_))) => continue,
-                    Some(Ok(Message::Ping(_))) => None,
-                };
-                idle.as_mut().reset(tokio::time::Instant::now() + idle_timeout);
-                if let Some(text) = text {
-                    let reply = session.on_text(&text);
-                    if let Err(stop) = write_or_stop(socket.send(Message::Text(reply.into())), overflowed.as_mut(), idle.as_mut()).await {
+            _ = &mut shutdown, if clock.close_at.is_none() => {
+                clock.close_at = Some(Instant::now() + window.mul_f64(rand::random::<f64>()));
+            }
+            _ = timer.as_mut() => {
+                let now = Instant::now();
+                if clock.close_at.is_some_and(|close| now >= close) {
+                    break Stop::Shutdown;
+                }
+                if now >= clock.idle_at {
+                    break Stop::Idle;
+                }
+                if now >= clock.ping_at {
+                    clock.ping_at = now + ping_every;
+                    let ping = async { socket.send(Message::Ping(Default::default())).await.map_err(|_| Stop::ClientGone) };
+                    if let Err(stop) = write_or_stop(ping, &queue, timer.as_mut(), clock.idle_at).await {
                         break stop;
                     }
                 }
+                // Fired early (activity moved a deadline): look again later.
+                timer.as_mut().reset(clock.next());
             }
-            Some(first) = queue.recv() => {
-                if let Err(stop) = write_or_stop(write_batch(&mut socket, first, &mut queue), overflowed.as_mut(), idle.as_mut()).await {
-                    break stop;
+            frame = socket.next() => {
+                match write_or_stop(answer_frames(&mut socket, &mut session, frame), &queue, timer.as_mut(), clock.idle_at).await {
+                    Ok(true) => clock.idle_at = Instant::now() + idle_timeout,
+                    Ok(false) => {}
+                    Err(stop) => break stop,
                 }
             }
-            _ = pings.tick() => {
-                if let Err(stop) = write_or_stop(socket.send(Message::Ping(Default::default())), overflowed.as_mut(), idle.as_mut()).await {
-                    break stop;
+            ready = poll_fn(|cx| queue.poll_ready(cx)) => match ready {
+                Ready::Overflowed => break Stop::SlowConsumer,
+                Ready::Deliveries => {
+                    if let Err(stop) = write_or_stop(write_batch(&mut socket, &queue), &queue, timer.as_mut(), clock.idle_at).await {
+                        break stop;
+                    }
                 }
-            }
+            },
+        }
+        // Only ever moved earlier here; a timer that fires early re-arms itself.
+        if clock.next() < timer.deadline() {
+            timer.as_mut().reset(clock.next());
         }
     };
 

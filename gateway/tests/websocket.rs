@@ -192,6 +192,37 @@ async fn every_client_frame_of_the_protocol_table() {
 }
 
 #[tokio::test]
+async fn pipelined_frames_are_all_answered_in_order() {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let gw = TestGateway::with_backend(&backend(), "limits: {maxSubscriptionsPerConnection: 1000}").await;
+    let mut c = gw.client("alice").await;
+    // 600 frames written at once: the gateway answers what it has read in
+    // batches (one flush each, at most 256 frames); none may be lost or reordered.
+    for i in 0..600 {
+        let frame = json!({"type": "subscribe", "room": {"target": "message", "user": i}, "requestId": i});
+        c.ws.feed(Message::text(frame.to_string())).await.expect("feed");
+    }
+    c.ws.feed(Message::text("ping")).await.expect("feed");
+    c.ws.feed(Message::text(r#"{"type":"unsubscribe","requestId":0}"#)).await.expect("feed");
+    c.ws.flush().await.expect("flush");
+    for i in 0..600 {
+        assert_eq!(c.recv_json().await, json!({"code": "success", "requestId": i}));
+    }
+    assert_eq!(c.recv_text().await, "pong");
+    assert_eq!(c.recv_json().await, json!({"code": "success", "requestId": 0}));
+    assert_eq!(
+        gw.trigger(
+            &json!({"rooms": [{"target": "message", "user": 0}, {"target": "message", "user": 599}], "data": 1})
+        )
+        .await,
+        202
+    );
+    assert_eq!(c.recv_json().await, json!({"type": "publish", "data": 1, "requestId": 599}));
+    c.expect_silence(Duration::from_millis(200)).await;
+}
+
+#[tokio::test]
 async fn status_can_be_switched_off() {
     let gw = TestGateway::with_backend(&backend(), "clientStatus: {enabled: false}").await;
     let mut c = gw.client("bob").await;

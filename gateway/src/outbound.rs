@@ -1,0 +1,213 @@
+//! `OutboundQueue`: the bounded queue of publish frames between the hub's
+//! fan-out and one session's socket writer, with the session's
+//! slow-consumer flag.
+//!
+//! Hand-made rather than a channel crate's because of what an idle
+//! connection costs: the queue allocates nothing until its first delivery
+//! (a `VecDeque` grows on demand; tokio's bounded channel allocates its
+//! shared state and a first 32-slot block up front, ≈ 1.5 KB per
+//! connection), and the overflow flag and the wake-up share the queue's one
+//! allocation.
+
+use std::collections::VecDeque;
+use std::sync::{Mutex, MutexGuard};
+use std::task::{Context, Poll};
+
+use futures_util::task::AtomicWaker;
+
+use crate::hub::Delivery;
+
+/// A queue that empties above this many slots of capacity gives the memory
+/// back, so a burst does not pin its peak on an otherwise quiet connection.
+const KEEP_CAPACITY: usize = 64;
+
+/// What a push did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pushed {
+    /// Queued for the writer.
+    Queued,
+    /// The queue was full (or had overflowed before): the delivery was
+    /// dropped and the session is marked as a slow consumer.
+    Dropped,
+}
+
+/// What the writer should do next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ready {
+    /// At least one delivery is queued.
+    Deliveries,
+    /// The queue overflowed: the session must close (1013).
+    Overflowed,
+}
+
+/// The queue's state, behind one lock.
+#[derive(Debug, Default)]
+struct State {
+    /// Frames not yet written, oldest first.
+    frames: VecDeque<Delivery>,
+    /// Set once when a push found the queue full; never cleared.
+    overflowed: bool,
+}
+
+/// Bounded queue of one session's publish frames (many producers: every
+/// fan-out; one consumer: the session's task).
+#[derive(Debug)]
+pub struct OutboundQueue {
+    /// Frames and overflow flag.
+    state: Mutex<State>,
+    /// The session task, woken when a frame is queued or the queue overflows.
+    waker: AtomicWaker,
+    /// Frames queued at most.
+    capacity: usize,
+}
+
+impl OutboundQueue {
+    /// An empty queue holding at most `capacity` frames (at least one).
+    pub fn new(capacity: usize) -> OutboundQueue {
+        OutboundQueue { state: Mutex::default(), waker: AtomicWaker::new(), capacity: capacity.max(1) }
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // Nothing panics while holding the lock (push and pop only); were it
+        // poisoned anyway, the queue itself is still consistent.
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Queues `delivery` unless the queue is full; never waits.
+    pub fn push(&self, delivery: Delivery) -> Pushed {
+        let pushed = {
+            let mut state = self.state();
+            if state.overflowed {
+                return Pushed::Dropped;
+            }
+            if state.frames.len() >= self.capacity {
+                state.overflowed = true;
+                Pushed::Dropped
+            } else {
+                state.frames.push_back(delivery);
+                Pushed::Queued
+            }
+        };
+        // After the lock: the woken task may run at once on another thread.
+        self.waker.wake();
+        pushed
+    }
+
+    /// The oldest queued frame.
+    pub fn pop(&self) -> Option<Delivery> {
+        let mut state = self.state();
+        let frame = state.frames.pop_front();
+        if frame.is_none() && state.frames.capacity() > KEEP_CAPACITY {
+            state.frames = VecDeque::new();
+        }
+        frame
+    }
+
+    /// Ready when a frame is queued or the queue overflowed (overflow first).
+    pub fn poll_ready(&self, cx: &mut Context<'_>) -> Poll<Ready> {
+        // Register before looking, so a push after the look wakes us.
+        self.waker.register(cx.waker());
+        let state = self.state();
+        if state.overflowed {
+            Poll::Ready(Ready::Overflowed)
+        } else if state.frames.is_empty() {
+            Poll::Pending
+        } else {
+            Poll::Ready(Ready::Deliveries)
+        }
+    }
+
+    /// Ready once the queue overflowed (used while a write is in progress).
+    pub fn poll_overflowed(&self, cx: &mut Context<'_>) -> Poll<()> {
+        self.waker.register(cx.waker());
+        if self.state().overflowed { Poll::Ready(()) } else { Poll::Pending }
+    }
+
+    /// Whether the queue overflowed.
+    pub fn is_overflowed(&self) -> bool {
+        self.state().overflowed
+    }
+
+    /// Frames queued now.
+    pub fn len(&self) -> usize {
+        self.state().frames.len()
+    }
+
+    /// Whether no frame is queued.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::task::{Wake, Waker};
+
+    struct CountingWaker(AtomicUsize);
+    impl Wake for CountingWaker {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn delivery(n: u32) -> Delivery {
+        Delivery { prefix: Arc::from(format!("{n}")), suffix: Arc::from("}") }
+    }
+
+    #[test]
+    fn allocates_nothing_until_used_and_gives_back_after_a_burst() {
+        let q = OutboundQueue::new(1024);
+        assert_eq!(q.state().frames.capacity(), 0);
+        for n in 0..500 {
+            assert_eq!(q.push(delivery(n)), Pushed::Queued);
+        }
+        assert_eq!(std::iter::from_fn(|| q.pop()).count(), 500);
+        assert_eq!(q.state().frames.capacity(), 0);
+    }
+
+    #[test]
+    fn keeps_order() {
+        let q = OutboundQueue::new(8);
+        for n in 0..3 {
+            q.push(delivery(n));
+        }
+        assert_eq!(q.len(), 3);
+        assert_eq!(std::iter::from_fn(|| q.pop()).map(|d| d.text()).collect::<Vec<_>>(), ["0}", "1}", "2}"]);
+        assert!(q.is_empty());
+    }
+
+    #[test]
+    fn overflow_is_sticky_and_drops() {
+        let q = OutboundQueue::new(2);
+        assert_eq!(q.push(delivery(1)), Pushed::Queued);
+        assert_eq!(q.push(delivery(2)), Pushed::Queued);
+        assert!(!q.is_overflowed());
+        assert_eq!(q.push(delivery(3)), Pushed::Dropped);
+        assert!(q.is_overflowed());
+        while q.pop().is_some() {}
+        // Even with room again, a slow consumer gets nothing more.
+        assert_eq!(q.push(delivery(4)), Pushed::Dropped);
+        assert_eq!(q.len(), 0);
+    }
+
+    #[test]
+    fn wakes_the_registered_task() {
+        let q = OutboundQueue::new(4);
+        let counter = Arc::new(CountingWaker(AtomicUsize::new(0)));
+        let waker = Waker::from(counter.clone());
+        let mut cx = Context::from_waker(&waker);
+        assert_eq!(q.poll_ready(&mut cx), Poll::Pending);
+        q.push(delivery(1));
+        assert_eq!(counter.0.load(Ordering::SeqCst), 1);
+        assert_eq!(q.poll_ready(&mut cx), Poll::Ready(Ready::Deliveries));
+        assert_eq!(q.poll_overflowed(&mut cx), Poll::Pending);
+        for n in 0..4 {
+            q.push(delivery(n));
+        }
+        assert_eq!(q.poll_ready(&mut cx), Poll::Ready(Ready::Overflowed));
+        assert_eq!(q.poll_overflowed(&mut cx), Poll::Ready(()));
+    }
+}
