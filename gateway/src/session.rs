@@ -16,8 +16,9 @@
 use std::collections::HashMap;
 use std::future::{Future, poll_fn};
 use std::net::SocketAddr;
-use std::pin::Pin;
+use std::pin::{Pin, pin};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
@@ -200,28 +201,52 @@ impl Deadlines {
 /// overflowed, or the write is still stuck at `deadline`. The session's
 /// timer is reused (moved to `deadline` only if it fires meanwhile), so a
 /// write registers no timer of its own; this runs once per delivery batch.
-async fn write_or_stop<T, F>(
-    write: F,
-    queue: &OutboundQueue,
-    mut timer: Pin<&mut Sleep>,
+///
+/// A hand-written future over a pinned borrow rather than an `async fn`:
+/// an `async fn` would store `write` twice (argument and pinned local), and
+/// the largest such state sets the size of every connection's task.
+struct WriteOrStop<'a, F> {
+    /// The write, pinned by the caller.
+    write: Pin<&'a mut F>,
+    /// The session's queue, for its overflow flag.
+    queue: &'a OutboundQueue,
+    /// The session's one timer.
+    timer: Pin<&'a mut Sleep>,
+    /// The write must be done by then.
     deadline: Instant,
-) -> Result<T, Stop>
+}
+
+fn write_or_stop<'a, F>(
+    write: Pin<&'a mut F>,
+    queue: &'a OutboundQueue,
+    timer: Pin<&'a mut Sleep>,
+    deadline: Instant,
+) -> WriteOrStop<'a, F> {
+    WriteOrStop { write, queue, timer, deadline }
+}
+
+impl<T, F> Future for WriteOrStop<'_, F>
 where
     F: Future<Output = Result<T, Stop>>,
 {
-    tokio::pin!(write);
-    loop {
-        tokio::select! {
-            biased;
-            result = &mut write => return result,
-            _ = poll_fn(|cx| queue.poll_overflowed(cx)) => return Err(Stop::SlowConsumer),
-            _ = timer.as_mut() => {
-                if Instant::now() >= deadline {
-                    return Err(Stop::SlowConsumer);
-                }
-                timer.as_mut().reset(deadline);
-            }
+    type Output = Result<T, Stop>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        // Every field is Unpin (the write is behind a pinned borrow).
+        let this = self.get_mut();
+        if let Poll::Ready(result) = this.write.as_mut().poll(cx) {
+            return Poll::Ready(result);
         }
+        if this.queue.poll_overflowed(cx).is_ready() {
+            return Poll::Ready(Err(Stop::SlowConsumer));
+        }
+        while this.timer.as_mut().poll(cx).is_ready() {
+            if Instant::now() >= this.deadline {
+                return Poll::Ready(Err(Stop::SlowConsumer));
+            }
+            this.timer.as_mut().reset(this.deadline);
+        }
+        Poll::Pending
     }
 }
 
@@ -342,10 +367,11 @@ async fn serve(
         Ok(allowed) => allowed,
         Err(e) => {
             info!(peer = %peer, outcome = e.outcome(), error = %e, "connection refused");
-            let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            // Boxed, as this rare path would otherwise size every task.
+            let _ = Box::pin(tokio::time::timeout(Duration::from_secs(1), async {
                 socket.send(Message::Text(Utf8Bytes::from_static(protocol::UNAUTHORIZED))).await?;
                 socket.send(close_message(e.close_code(), "not authorized")).await
-            })
+            }))
             .await;
             return;
         }
@@ -387,7 +413,7 @@ async fn serve(
                 if now >= clock.ping_at {
                     clock.ping_at = now + ping_every;
                     let ping = async { socket.send(Message::Ping(Default::default())).await.map_err(|_| Stop::ClientGone) };
-                    if let Err(stop) = write_or_stop(ping, &queue, timer.as_mut(), clock.idle_at).await {
+                    if let Err(stop) = write_or_stop(pin!(ping), &queue, timer.as_mut(), clock.idle_at).await {
                         break stop;
                     }
                 }
@@ -395,7 +421,7 @@ async fn serve(
                 timer.as_mut().reset(clock.next());
             }
             frame = socket.next() => {
-                match write_or_stop(answer_frames(&mut socket, &mut session, frame), &queue, timer.as_mut(), clock.idle_at).await {
+                match write_or_stop(pin!(answer_frames(&mut socket, &mut session, frame)), &queue, timer.as_mut(), clock.idle_at).await {
                     Ok(true) => clock.idle_at = Instant::now() + idle_timeout,
                     Ok(false) => {}
                     Err(stop) => break stop,
@@ -404,7 +430,7 @@ async fn serve(
             ready = poll_fn(|cx| queue.poll_ready(cx)) => match ready {
                 Ready::Overflowed => break Stop::SlowConsumer,
                 Ready::Deliveries => {
-                    if let Err(stop) = write_or_stop(write_batch(&mut socket, &queue), &queue, timer.as_mut(), clock.idle_at).await {
+                    if let Err(stop) = write_or_stop(pin!(write_batch(&mut socket, &queue)), &queue, timer.as_mut(), clock.idle_at).await {
                         break stop;
                     }
                 }
@@ -422,7 +448,7 @@ async fn serve(
         gateway.metrics.disconnects.get_or_create(&Reason { reason: stop.label() }).inc();
     }
     if let Some((code, reason)) = stop.close() {
-        let _ = tokio::time::timeout(Duration::from_secs(1), socket.send(close_message(code, reason))).await;
+        let _ = Box::pin(tokio::time::timeout(Duration::from_secs(1), socket.send(close_message(code, reason)))).await;
     }
     info!(
         peer = %peer,
