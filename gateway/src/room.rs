@@ -6,8 +6,9 @@
 //! order. Values compare as JSON values: `"1"` and `1` differ, and so do `1`
 //! and `1.0`. The string `"*"` is the wildcard.
 
+use std::collections::HashSet;
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock, Mutex};
 
 use serde_json::{Map, Number, Value};
 
@@ -17,6 +18,27 @@ pub const MAX_ROOM_KEYS: usize = 32;
 
 /// Longest key or string value accepted in a room, in bytes.
 pub const MAX_ROOM_TEXT: usize = 1024;
+
+/// Most distinct texts [`shared_text`] keeps; past it, texts are allocated
+/// per use, so clients sending random keys cannot grow the table forever.
+const MAX_SHARED_TEXTS: usize = 4096;
+
+/// One shared copy of a room key (or of the wildcard): every connection's
+/// allowed rooms and subscriptions repeat the same few keys (`user`,
+/// `group`, …), and an idle connection is mostly such rooms.
+fn shared_text(text: &str) -> Arc<str> {
+    static TEXTS: LazyLock<Mutex<HashSet<Arc<str>>>> = LazyLock::new(Mutex::default);
+    // Poisoning cannot leave the set inconsistent (insert is the only write).
+    let mut texts = TEXTS.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some(shared) = texts.get(text) {
+        return shared.clone();
+    }
+    let shared: Arc<str> = Arc::from(text);
+    if texts.len() < MAX_SHARED_TEXTS {
+        texts.insert(shared.clone());
+    }
+    shared
+}
 
 /// One value of a room.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -95,10 +117,11 @@ impl Room {
                 Value::Bool(b) => Scalar::Bool(*b),
                 Value::Number(n) => Scalar::Number(n.clone()),
                 Value::String(s) if s.len() > MAX_ROOM_TEXT => return Err(InvalidRoom::TooLong),
+                Value::String(s) if s == "*" => Scalar::Str(shared_text(s)),
                 Value::String(s) => Scalar::Str(Arc::from(s.as_str())),
                 Value::Array(_) | Value::Object(_) => return Err(InvalidRoom::NotScalar(key.clone())),
             };
-            entries.push((Arc::from(key.as_str()), scalar));
+            entries.push((shared_text(key), scalar));
         }
         // A JSON object has unique keys, so sorting gives the canonical order.
         entries.sort_by(|a, b| a.0.cmp(&b.0));
@@ -172,6 +195,18 @@ mod tests {
 
     fn room(v: Value) -> Room {
         Room::from_json(&v).expect("valid room")
+    }
+
+    #[test]
+    fn keys_and_wildcards_are_shared_between_rooms() {
+        let a = room(json!({"shared_key_test": "*", "v": "x"}));
+        let b = room(json!({"shared_key_test": "*", "v": "x"}));
+        let (ka, Scalar::Str(wa)) = &a.entries()[0] else { panic!("string value") };
+        let (kb, Scalar::Str(wb)) = &b.entries()[0] else { panic!("string value") };
+        assert!(Arc::ptr_eq(ka, kb) && Arc::ptr_eq(wa, wb));
+        // Other string values are not kept (they would grow without bound).
+        let (Scalar::Str(va), Scalar::Str(vb)) = (&a.entries()[1].1, &b.entries()[1].1) else { panic!("strings") };
+        assert!(!Arc::ptr_eq(va, vb));
     }
 
     #[test]

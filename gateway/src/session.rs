@@ -421,7 +421,9 @@ async fn serve(
                 timer.as_mut().reset(clock.next());
             }
             frame = socket.next() => {
-                match write_or_stop(pin!(answer_frames(&mut socket, &mut session, frame)), &queue, timer.as_mut(), clock.idle_at).await {
+                // Boxed (once per burst of client frames, not per delivery):
+                // it is the largest state and would size every idle task.
+                match write_or_stop(Box::pin(answer_frames(&mut socket, &mut session, frame)).as_mut(), &queue, timer.as_mut(), clock.idle_at).await {
                     Ok(true) => clock.idle_at = Instant::now() + idle_timeout,
                     Ok(false) => {}
                     Err(stop) => break stop,
