@@ -24,9 +24,9 @@ use crate::trigger::Trigger;
 /// Read buffer per websocket, kept for the connection's whole life; larger
 /// client messages still work (the buffer grows for them), up to
 /// `limits.maxMessageBytes`. Client frames are small (a subscribe is
-/// ≈ 100 bytes), so 512 bytes read a few pipelined frames per system call
-/// while costing an idle connection little.
-pub const READ_BUFFER_BYTES: usize = 512;
+/// ≈ 100 bytes): 256 bytes cost an idle connection little, and pipelined
+/// subscribes still run at > 200 000/s (docs/performance.md).
+pub const READ_BUFFER_BYTES: usize = 256;
 /// Bytes buffered before a write goes to the socket; every batch of
 /// publish frames is flushed at its end regardless.
 pub const WRITE_BUFFER_BYTES: usize = 16 * 1024;
