@@ -234,10 +234,10 @@ def ratio_cells(better, r, p):
     ratio = r / p if p else None
     if better is None:
         return ratio, None
-    if better == HIGHER:
-        adv = r / p if p else None
-    else:
-        adv = p / r if r else None
+    # A zero on either side (a run that measured nothing) has no ratio.
+    if not r or not p:
+        return ratio, None
+    adv = r / p if better == HIGHER else p / r
     return ratio, adv
 
 
@@ -254,10 +254,14 @@ def python_reasons(scenario, python):
     blocking when they are not usable at all."""
     reasons = []
     errors = python.errors()
-    if any(k.startswith("unexpected reply: success") for k in errors) or "subscribe: no reply in time" in errors:
+    if any(k.startswith("unexpected reply: success") for k in errors):
         return ["3.1.0 answers a subscribe with {\"code\":\"success\"} without the requestId; the bench "
                        "matches replies by requestId, so no subscription completes (run without --python-stock: "
                        "ht_python_app.py then echoes it)"], True
+    if "subscribe: no reply in time" in errors:
+        # With the requestId patch, missing replies mean the server fell behind.
+        reasons.append("too slow at this scale: subscribe replies did not arrive within the bench's "
+                       "--subscribe-timeout ({})".format("; ".join(python.problems()[:2])))
     if scenario == "wildcard":
         for run in python.runs:
             for st in run.get("steps", []):
