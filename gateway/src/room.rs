@@ -19,15 +19,20 @@ pub const MAX_ROOM_KEYS: usize = 32;
 /// Longest key or string value accepted in a room, in bytes.
 pub const MAX_ROOM_TEXT: usize = 1024;
 
-/// Most distinct texts [`shared_text`] keeps; past it, texts are allocated
-/// per use, so clients sending random keys cannot grow the table forever.
+/// Most distinct texts [`shared_text`] keeps, and the longest it keeps;
+/// past them, texts are allocated per use, so clients sending random keys
+/// cannot grow the table forever (it stays under ≈ 0.5 MiB).
 const MAX_SHARED_TEXTS: usize = 4096;
+const MAX_SHARED_TEXT_BYTES: usize = 64;
 
 /// One shared copy of a room key (or of the wildcard): every connection's
 /// allowed rooms and subscriptions repeat the same few keys (`user`,
 /// `group`, …), and an idle connection is mostly such rooms.
 fn shared_text(text: &str) -> Arc<str> {
     static TEXTS: LazyLock<Mutex<HashSet<Arc<str>>>> = LazyLock::new(Mutex::default);
+    if text.len() > MAX_SHARED_TEXT_BYTES {
+        return Arc::from(text);
+    }
     // Poisoning cannot leave the set inconsistent (insert is the only write).
     let mut texts = TEXTS.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     if let Some(shared) = texts.get(text) {
