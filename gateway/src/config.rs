@@ -173,6 +173,11 @@ pub struct Limits {
     /// Publish frames queued per connection; a client further behind is
     /// disconnected with 1013 (slow consumer).
     pub outbound_queue: usize,
+    /// Kernel send buffer per connection (`SO_SNDBUF`), bytes; 0 leaves it
+    /// to the kernel's autotuning, which lets one client that stops reading
+    /// hold up to `net.ipv4.tcp_wmem`'s maximum (often 4 MiB) of kernel
+    /// memory before its queue fills. Linux doubles the value given.
+    pub send_buffer_bytes: usize,
 }
 
 impl Default for Limits {
@@ -184,6 +189,7 @@ impl Default for Limits {
             idle_timeout_seconds: 300.0,
             ping_interval_seconds: 30.0,
             outbound_queue: 1024,
+            send_buffer_bytes: 0,
         }
     }
 }

@@ -126,8 +126,14 @@ impl Server {
         let stopped = stop_accepting.clone();
         // Small frames must not wait for Nagle's algorithm (tens of ms on
         // the first publish after a reply).
-        let listener = listener.tap_io(|tcp| {
+        let send_buffer = gateway.config.limits.send_buffer_bytes;
+        let listener = listener.tap_io(move |tcp| {
             let _ = tcp.set_nodelay(true);
+            if send_buffer > 0
+                && let Err(e) = socket2::SockRef::from(&*tcp).set_send_buffer_size(send_buffer)
+            {
+                tracing::debug!(error = %e, "cannot set the send buffer size");
+            }
         });
         axum::serve(listener, app).with_graceful_shutdown(async move { stopped.cancelled().await }).await?;
         // Sessions close at random moments within the window; give them a

@@ -394,6 +394,35 @@ async fn slow_consumer_is_disconnected_and_others_get_everything() {
     assert_eq!(healthy.recv_json().await["data"], json!("after"));
 }
 
+/// Sends 60 triggers of 16 KiB (≈ 1 MiB) to a client that reads nothing;
+/// true when the gateway closed it as a slow consumer.
+async fn stalled_client_is_closed(limits: &str) -> bool {
+    let gw = TestGateway::with_backend(&backend(), &format!("limits: {{outboundQueue: 8{limits}}}")).await;
+    let mut stalled = gw.client("bob").await;
+    assert_eq!(stalled.subscribe(json!({"user": 2}), json!("s")).await["code"], "success");
+    let pad = "x".repeat(16 * 1024);
+    for i in 0..60 {
+        assert_eq!(gw.trigger(&json!({"rooms": [{"user": 2}], "data": {"i": i, "pad": pad}})).await, 202);
+    }
+    let closed = r#"hightemplar_disconnects_total{reason="slow_consumer"}"#;
+    for _ in 0..50 {
+        if gw.metric(closed).await >= 1.0 {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
+#[tokio::test]
+async fn a_small_send_buffer_bounds_what_a_stalled_client_holds() {
+    // With a 4 KiB kernel send buffer the ≈ 1 MiB cannot all be parked in
+    // the kernel: the queue fills and the client is closed. With kernel
+    // autotuning (the default) the same megabyte fits in socket buffers.
+    assert!(stalled_client_is_closed(", sendBufferBytes: 4096").await, "closed with a 4 KiB send buffer");
+    assert!(!stalled_client_is_closed("").await, "kernel autotuning absorbs 1 MiB (so the test above means something)");
+}
+
 #[tokio::test]
 async fn health_readiness_and_metrics() {
     let gw = TestGateway::with_backend(&backend(), "").await;
