@@ -267,6 +267,11 @@ pub struct LimitsSpec {
     #[serde(default = "default_idle_timeout")]
     #[schemars(range(min = 1))]
     pub idle_timeout_seconds: i64,
+    /// Kernel send buffer per connection (SO_SNDBUF), bytes; 0 leaves it
+    /// to the kernel's autotuning. Caps what a client that stops reading holds.
+    #[serde(default = "default_send_buffer_bytes")]
+    #[schemars(range(min = 0))]
+    pub send_buffer_bytes: i64,
 }
 
 fn default_max_connections() -> i64 {
@@ -281,6 +286,9 @@ fn default_max_message_bytes() -> i64 {
 fn default_idle_timeout() -> i64 {
     gateway_defaults().limits.idle_timeout_seconds as i64
 }
+fn default_send_buffer_bytes() -> i64 {
+    gateway_defaults().limits.send_buffer_bytes as i64
+}
 
 impl Default for LimitsSpec {
     fn default() -> Self {
@@ -289,6 +297,7 @@ impl Default for LimitsSpec {
             max_subscriptions_per_connection: default_max_subscriptions(),
             max_message_bytes: default_max_message_bytes(),
             idle_timeout_seconds: default_idle_timeout(),
+            send_buffer_bytes: default_send_buffer_bytes(),
         }
     }
 }
