@@ -101,6 +101,21 @@ pub async fn install_crd(client: &Client) {
     .await;
 }
 
+/// Creates namespace `name`; panics if the apiserver refuses.
+pub async fn create_namespace(client: &Client, name: &str) {
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    namespaces
+        .create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": name}})).expect("ns"))
+        .await
+        .expect("create namespace");
+}
+
+/// Deletes namespace `name` (best effort: cleanup must not fail a test).
+pub async fn delete_namespace(client: &Client, name: &str) {
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let _ = namespaces.delete(name, &DeleteParams::default()).await;
+}
+
 /// A namespace of its own for one test; deleted by [`Namespaced::delete`].
 pub struct Namespaced {
     /// Admin client.
@@ -113,11 +128,7 @@ impl Namespaced {
     /// Creates `<prefix>-<pid>`.
     pub async fn create(client: &Client, prefix: &str) -> Namespaced {
         let name = format!("{prefix}-{}", std::process::id());
-        let namespaces: Api<Namespace> = Api::all(client.clone());
-        namespaces
-            .create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": name}})).expect("ns"))
-            .await
-            .expect("create namespace");
+        create_namespace(client, &name).await;
         Namespaced { client: client.clone(), name }
     }
 
@@ -141,8 +152,7 @@ impl Namespaced {
 
     /// Deletes the namespace (best effort).
     pub async fn delete(self) {
-        let namespaces: Api<Namespace> = Api::all(self.client.clone());
-        let _ = namespaces.delete(&self.name, &DeleteParams::default()).await;
+        delete_namespace(&self.client, &self.name).await;
     }
 }
 

@@ -6,13 +6,15 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::Namespace;
 use kube::Api;
-use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{Patch, PatchParams};
 use serde_json::json;
 use tokio::process::{Child, Command};
 
-use high_templar_e2e::{WAIT, client, free_port, http_get, install_crd, kubeconfig_path, workspace_binary};
+use high_templar_e2e::{
+    WAIT, client, create_namespace, delete_namespace, free_port, http_get, install_crd, kubeconfig_path,
+    workspace_binary,
+};
 
 fn operator(identity: &str, ns: &str, port: u16) -> Child {
     Command::new(workspace_binary("high-templar-operator"))
@@ -57,11 +59,7 @@ async fn only_the_lease_holder_reconciles_and_the_other_takes_over() {
     let client = client().await;
     install_crd(&client).await;
     let ns = format!("leader-{}", std::process::id());
-    let namespaces: Api<Namespace> = Api::all(client.clone());
-    namespaces
-        .create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": ns}})).expect("ns"))
-        .await
-        .expect("namespace");
+    create_namespace(&client, &ns).await;
 
     let (port_a, port_b) = (free_port(), free_port());
     let mut a = operator("replica-a", &ns, port_a);
@@ -112,5 +110,5 @@ async fn only_the_lease_holder_reconciles_and_the_other_takes_over() {
 
     let _ = a.start_kill();
     let _ = b.start_kill();
-    let _ = namespaces.delete(&ns, &DeleteParams::default()).await;
+    delete_namespace(&client, &ns).await;
 }

@@ -3,7 +3,7 @@
 //! starts the control plane and sets `HT_TEST_KUBECONFIG`. Each test works
 //! in a namespace of its own with its own in-process controller watching it.
 
-use high_templar_e2e::{AMQP_URL, client, eventually, install_crd};
+use high_templar_e2e::{AMQP_URL, client, create_namespace, delete_namespace, eventually, install_crd};
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -15,9 +15,9 @@ use high_templar_operator::metrics::Metrics;
 use high_templar_operator::reconcile::{FINALIZER, Settings};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Event, Namespace, Secret, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Event, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::{Api, Client, ResourceExt};
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
@@ -38,11 +38,7 @@ impl Env {
         install_crd(&client).await;
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let ns = format!("{test}-{}-{n}", std::process::id());
-        let namespaces: Api<Namespace> = Api::all(client.clone());
-        namespaces
-            .create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": ns}})).expect("ns"))
-            .await
-            .expect("create namespace");
+        create_namespace(&client, &ns).await;
         let mut env = Env { client, ns, stop: None, controller: None };
         env.start_controller();
         env
@@ -112,8 +108,7 @@ impl Env {
         if let Some(c) = self.controller.take() {
             let _ = tokio::time::timeout(Duration::from_secs(10), c).await;
         }
-        let namespaces: Api<Namespace> = Api::all(self.client.clone());
-        let _ = namespaces.delete(&self.ns, &DeleteParams::default()).await;
+        delete_namespace(&self.client, &self.ns).await;
     }
 }
 
