@@ -178,10 +178,11 @@ EOF
 
 server_pid=""
 server_port=""
-# start_server IMPL BACKEND_PORT LOG: starts it pinned to core 0, sets
-# server_pid/server_port; returns 1 when it did not come up.
-start_server() {
-  local impl=$1 backend=$2 logf=$3
+# launch_server IMPL BACKEND_PORT LOG ECHO: starts it pinned to core 0, sets
+# server_pid/server_port, waits for its listener; returns 1 when it did not
+# come up. ECHO: 1 patches 3.1.0's subscribe reply to echo requestId.
+launch_server() {
+  local impl=$1 backend=$2 logf=$3 echo=$4
   ensure_rabbitmq
   server_port=$(free_port)
   if [ "$impl" = rust ]; then
@@ -192,7 +193,7 @@ start_server() {
     # The process started here is the server itself (no supervisor):
     # hypercorn --workers 0 serves in-process; taskset and env exec.
     (cd "$results/logs" && exec env PYTHONPATH="$here" CY_BINDER_INTERNAL="http://127.0.0.1:$backend/" \
-      HTC_AMQP_URL="$amqp_url" HTC_EXCHANGE="$exchange" HTC_ECHO_REQUEST_ID="$echo_request_id" \
+      HTC_AMQP_URL="$amqp_url" HTC_EXCHANGE="$exchange" HTC_ECHO_REQUEST_ID="$echo" \
       "${server_cpu[@]}" "$venv/bin/hypercorn" --workers 0 --backlog 1024 \
       --bind "127.0.0.1:$server_port" ht_python_app:application) >"$logf" 2>&1 &
   fi
@@ -204,9 +205,16 @@ start_server() {
     kill -0 "$server_pid" 2>/dev/null || break
     sleep 0.05
   done
-  [ "$up" = 1 ] || return 1
+  [ "$up" = 1 ]
+}
+
+# start_server IMPL BACKEND_PORT LOG: launch_server (patched as configured),
+# then waits until a trigger gets through; returns 1 when it did not.
+start_server() {
+  local impl=$1 logf=$3
+  launch_server "$impl" "$2" "$logf" "$echo_request_id" || return 1
   if [ "$impl" = rust ]; then
-    up=0
+    local up=0
     for _ in $(seq 1 200); do
       if http_ok "$server_port" /readyz; then up=1; break; fi
       sleep 0.05
@@ -297,23 +305,9 @@ if [ "$probe" = 1 ]; then
   # The probe serves its own backend (it answers by token and records the
   # requests); the Python server runs unpatched here.
   for impl in rust python; do
-    ensure_rabbitmq
     pport=$(free_port)
     plog="$results/logs/$impl-protocol.log"
-    server_port=$(free_port)
-    if [ "$impl" = rust ]; then
-      HT_LOG=warn HT_AMQP_URL="$amqp_url" "${server_cpu[@]}" "$gateway" serve --config "$results/gateway.yaml" \
-        --listen "127.0.0.1:$server_port" --backend-url "http://127.0.0.1:$pport/" \
-        --broker amqp --exchange "$exchange" --exchange-durable false >"$plog" 2>&1 &
-    else
-      (cd "$results/logs" && exec env PYTHONPATH="$here" CY_BINDER_INTERNAL="http://127.0.0.1:$pport/" \
-        HTC_AMQP_URL="$amqp_url" HTC_EXCHANGE="$exchange" HTC_ECHO_REQUEST_ID=0 \
-        "${server_cpu[@]}" "$venv/bin/hypercorn" --workers 0 --bind "127.0.0.1:$server_port" \
-        ht_python_app:application) >"$plog" 2>&1 &
-    fi
-    server_pid=$!
-    pids+=("$server_pid")
-    for _ in $(seq 1 300); do listening "$server_port" && break; sleep 0.05; done
+    launch_server "$impl" "$pport" "$plog" 0 || log "$impl did not start for the probe (see $plog)"
     sleep 2 # the AMQP consumer binds right after the listener opens
     log "protocol probe: $impl"
     waited timeout -k 5 150 "${bench_cpu[@]}" "$py" "$here/probe.py" protocol --url "ws://127.0.0.1:$server_port/ws/" \
