@@ -166,6 +166,10 @@ pub struct Limits {
     pub max_subscriptions_per_connection: usize,
     /// Largest client message; a larger one closes with 1009.
     pub max_message_bytes: usize,
+    /// Longest `requestId`, as JSON text (quotes included); a longer one is
+    /// answered `invalid-request-id` and not kept. 3.x clients send UUIDs
+    /// (38 bytes).
+    pub max_request_id_bytes: usize,
     /// Close a connection after this long without any client frame.
     pub idle_timeout_seconds: f64,
     /// Interval of server websocket pings.
@@ -186,6 +190,7 @@ impl Default for Limits {
             max_connections: 50_000,
             max_subscriptions_per_connection: 1_000,
             max_message_bytes: 64 * 1024,
+            max_request_id_bytes: 128,
             idle_timeout_seconds: 300.0,
             ping_interval_seconds: 30.0,
             outbound_queue: 1024,
@@ -328,6 +333,10 @@ impl Config {
         at_least_one("limits.maxConnections", self.limits.max_connections)?;
         at_least_one("limits.maxSubscriptionsPerConnection", self.limits.max_subscriptions_per_connection)?;
         at_least_one("limits.outboundQueue", self.limits.outbound_queue)?;
+        // The shortest id, `""` or a one-digit number, must fit.
+        if self.limits.max_request_id_bytes < 2 {
+            return Err(invalid("limits.maxRequestIdBytes", "must be at least 2"));
+        }
         at_least_one("trigger.maxBodyBytes", self.trigger.max_body_bytes)?;
         if self.limits.max_message_bytes < 16 {
             return Err(invalid("limits.maxMessageBytes", "must be at least 16"));

@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use serde_json::value::RawValue;
 use serde_json::{Value, json};
 
 use crate::room::{InvalidRoom, Room};
@@ -12,10 +13,34 @@ pub const PING: &str = "ping";
 /// The reply to [`PING`].
 pub const PONG: &str = "pong";
 
-/// A client's `requestId`, kept as its JSON text so it is echoed exactly as
-/// given (`"1"` stays a string, `1` a number).
+/// A client's `requestId`, kept as JSON text so it is echoed exactly as
+/// given: `"1"` stays a string, `1` a number, and a number keeps its
+/// original spelling (`1e2`, `-0`, `18446744073709551616`), as
+/// docs/protocol.md promises. Strings are kept re-serialised, so two
+/// spellings of one string (`"a"`, `"\u0061"`) are the same id.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct RequestId(Box<str>);
+
+/// What a frame's `requestId` field held.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RequestIdField {
+    /// Missing, or neither a string nor a number.
+    Missing,
+    /// Longer than the limit (`limits.maxRequestIdBytes`); never echoed.
+    TooLong,
+    /// A usable id.
+    Id(RequestId),
+}
+
+impl RequestIdField {
+    /// The id, if usable.
+    pub fn id(&self) -> Option<&RequestId> {
+        match self {
+            RequestIdField::Id(id) => Some(id),
+            _ => None,
+        }
+    }
+}
 
 impl RequestId {
     /// Accepts a JSON string or number; anything else is no request id.
@@ -26,14 +51,26 @@ impl RequestId {
         }
     }
 
+    /// From the raw JSON text of the field: strings re-serialised, numbers
+    /// kept as written, anything else no id; `max_bytes` bounds the text.
+    pub fn from_raw(raw: &RawValue, max_bytes: usize) -> RequestIdField {
+        let text = raw.get();
+        if text.len() > max_bytes {
+            return RequestIdField::TooLong;
+        }
+        match text.as_bytes().first() {
+            Some(b'"') => match serde_json::from_str::<String>(text) {
+                Ok(s) => RequestId::from_json(&Value::String(s)).map_or(RequestIdField::Missing, RequestIdField::Id),
+                Err(_) => RequestIdField::Missing,
+            },
+            Some(b'-' | b'0'..=b'9') => RequestIdField::Id(RequestId(text.into())),
+            _ => RequestIdField::Missing,
+        }
+    }
+
     /// The id as JSON text.
     pub fn as_json(&self) -> &str {
         &self.0
-    }
-
-    fn to_value(&self) -> Value {
-        // Built from a serialised string or number, so it parses back.
-        serde_json::from_str(&self.0).unwrap_or(Value::Null)
     }
 
     /// The per-subscription end of a publish frame: `<requestId>}`. Built once
@@ -55,18 +92,18 @@ pub enum ClientFrame {
     Subscribe {
         /// The requested room, or why it is not one.
         room: Result<Room, InvalidRoom>,
-        /// `None` when missing or not a string/number.
-        request_id: Option<RequestId>,
+        /// The `requestId` field.
+        request_id: RequestIdField,
     },
     /// `{"type":"unsubscribe","requestId":R}`.
     Unsubscribe {
-        /// `None` when missing or not a string/number.
-        request_id: Option<RequestId>,
+        /// The `requestId` field.
+        request_id: RequestIdField,
     },
     /// `{"type":"status"}`.
     Status {
-        /// Echoed when present.
-        request_id: Option<RequestId>,
+        /// Echoed when usable.
+        request_id: RequestIdField,
     },
 }
 
@@ -89,18 +126,70 @@ impl FrameError {
     }
 }
 
-/// Parses one client text frame.
-pub fn parse_client_frame(text: &str) -> Result<ClientFrame, FrameError> {
+/// The fields of a client frame the gateway reads; others are skipped
+/// without being built. A repeated key counts by its last value, as in
+/// the JSON parsers of 3.x and browsers.
+struct RawFrame<'a> {
+    /// `type`, when a string.
+    kind: Option<Value>,
+    /// `room`.
+    room: Option<Value>,
+    /// `requestId`, as written.
+    request_id: Option<&'a RawValue>,
+}
+
+impl<'de> serde::Deserialize<'de> for RawFrame<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(serde::Deserialize)]
+        #[serde(field_identifier)]
+        enum Key {
+            #[serde(rename = "type")]
+            Kind,
+            #[serde(rename = "room")]
+            Room,
+            #[serde(rename = "requestId")]
+            RequestId,
+            #[serde(other)]
+            Other,
+        }
+        struct FrameVisitor;
+        impl<'de> serde::de::Visitor<'de> for FrameVisitor {
+            type Value = RawFrame<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<RawFrame<'de>, A::Error> {
+                let mut frame = RawFrame { kind: None, room: None, request_id: None };
+                while let Some(key) = map.next_key::<Key>()? {
+                    match key {
+                        Key::Kind => frame.kind = Some(map.next_value()?),
+                        Key::Room => frame.room = Some(map.next_value()?),
+                        Key::RequestId => frame.request_id = Some(map.next_value()?),
+                        Key::Other => {
+                            map.next_value::<serde::de::IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(frame)
+            }
+        }
+        d.deserialize_map(FrameVisitor)
+    }
+}
+
+/// Parses one client text frame; a `requestId` longer than
+/// `max_request_id_bytes` (as JSON text) is [`RequestIdField::TooLong`].
+pub fn parse_client_frame(text: &str, max_request_id_bytes: usize) -> Result<ClientFrame, FrameError> {
     if text == PING {
         return Ok(ClientFrame::Ping);
     }
-    let Ok(Value::Object(mut obj)) = serde_json::from_str::<Value>(text) else {
+    let Ok(frame) = serde_json::from_str::<RawFrame>(text) else {
         return Err(FrameError::NonJson);
     };
-    let request_id = obj.get("requestId").and_then(RequestId::from_json);
-    match obj.get("type").and_then(Value::as_str) {
+    let request_id = frame.request_id.map_or(RequestIdField::Missing, |r| RequestId::from_raw(r, max_request_id_bytes));
+    match frame.kind.as_ref().and_then(Value::as_str) {
         Some("subscribe") => {
-            let room = match obj.remove("room") {
+            let room = match frame.room {
                 Some(Value::Object(map)) => Room::from_map(&map),
                 _ => Err(InvalidRoom::NotAnObject),
             };
@@ -125,6 +214,8 @@ pub enum RequestError {
     TooManySubscriptions,
     /// `requestId` missing.
     NoRequestId,
+    /// `requestId` longer than `limits.maxRequestIdBytes`.
+    InvalidRequestId,
     /// Unsubscribe for a `requestId` with no subscription.
     NotSubscribed,
 }
@@ -138,16 +229,24 @@ impl RequestError {
             RequestError::RequestIdInUse => "request-id-in-use",
             RequestError::TooManySubscriptions => "too-many-subscriptions",
             RequestError::NoRequestId => "no-request-id",
+            RequestError::InvalidRequestId => "invalid-request-id",
             RequestError::NotSubscribed => "not-subscribed",
         }
     }
 }
 
-fn with_request_id(mut reply: Value, request_id: Option<&RequestId>) -> String {
-    if let (Some(r), Value::Object(obj)) = (request_id, &mut reply) {
-        obj.insert("requestId".into(), r.to_value());
+/// `reply` (a JSON object) with `"requestId":R` appended as R's text.
+fn with_request_id(reply: Value, request_id: Option<&RequestId>) -> String {
+    let mut text = reply.to_string();
+    if let Some(r) = request_id
+        && text.ends_with('}')
+    {
+        text.pop();
+        text.push_str(r#","requestId":"#);
+        text.push_str(r.as_json());
+        text.push('}');
     }
-    reply.to_string()
+    text
 }
 
 /// `{"code":"success","requestId":R}`.
@@ -226,40 +325,60 @@ mod tests {
         RequestId::from_json(&v).expect("string or number")
     }
 
+    fn parse_client_frame_(text: &str) -> Result<ClientFrame, FrameError> {
+        parse_client_frame(text, 128)
+    }
+
+    fn id(v: Value) -> RequestIdField {
+        RequestIdField::Id(rid(v))
+    }
+
+    /// The `requestId` a frame parses to, echoed in a success reply.
+    fn echoed(raw_id: &str) -> String {
+        let frame = format!(r#"{{"type":"unsubscribe","requestId":{raw_id}}}"#);
+        let Ok(ClientFrame::Unsubscribe { request_id: RequestIdField::Id(r) }) = parse_client_frame(&frame, 128) else {
+            panic!("{frame}: an unsubscribe with an id")
+        };
+        success(&r)
+    }
+
     #[test]
     fn parses_every_frame_type() {
-        assert_eq!(parse_client_frame("ping"), Ok(ClientFrame::Ping));
+        assert_eq!(parse_client_frame_("ping"), Ok(ClientFrame::Ping));
         assert_eq!(
-            parse_client_frame(r#"{"type":"subscribe","room":{"a":1},"requestId":"x"}"#),
-            Ok(ClientFrame::Subscribe { room: Room::from_json(&json!({"a": 1})), request_id: Some(rid(json!("x"))) })
+            parse_client_frame_(r#"{"type":"subscribe","room":{"a":1},"requestId":"x"}"#),
+            Ok(ClientFrame::Subscribe { room: Room::from_json(&json!({"a": 1})), request_id: id(json!("x")) })
         );
         assert_eq!(
-            parse_client_frame(r#"{"type":"unsubscribe","requestId":3}"#),
-            Ok(ClientFrame::Unsubscribe { request_id: Some(rid(json!(3))) })
+            parse_client_frame_(r#"{"type":"unsubscribe","requestId":3}"#),
+            Ok(ClientFrame::Unsubscribe { request_id: id(json!(3)) })
         );
-        assert_eq!(parse_client_frame(r#"{"type":"status"}"#), Ok(ClientFrame::Status { request_id: None }));
+        assert_eq!(
+            parse_client_frame_(r#"{"type":"status"}"#),
+            Ok(ClientFrame::Status { request_id: RequestIdField::Missing })
+        );
     }
 
     #[test]
     fn refuses_bad_frames() {
-        assert_eq!(parse_client_frame("pong"), Err(FrameError::NonJson));
-        assert_eq!(parse_client_frame("[1,2]"), Err(FrameError::NonJson));
-        assert_eq!(parse_client_frame(""), Err(FrameError::NonJson));
-        assert_eq!(parse_client_frame("{}"), Err(FrameError::TypeNotAllowed));
-        assert_eq!(parse_client_frame(r#"{"type":"publish"}"#), Err(FrameError::TypeNotAllowed));
-        assert_eq!(parse_client_frame(r#"{"type":5}"#), Err(FrameError::TypeNotAllowed));
+        assert_eq!(parse_client_frame_("pong"), Err(FrameError::NonJson));
+        assert_eq!(parse_client_frame_("[1,2]"), Err(FrameError::NonJson));
+        assert_eq!(parse_client_frame_(""), Err(FrameError::NonJson));
+        assert_eq!(parse_client_frame_("{}"), Err(FrameError::TypeNotAllowed));
+        assert_eq!(parse_client_frame_(r#"{"type":"publish"}"#), Err(FrameError::TypeNotAllowed));
+        assert_eq!(parse_client_frame_(r#"{"type":5}"#), Err(FrameError::TypeNotAllowed));
     }
 
     #[test]
     fn subscribe_with_bad_room_or_id() {
         let Ok(ClientFrame::Subscribe { room, request_id }) =
-            parse_client_frame(r#"{"type":"subscribe","room":[1],"requestId":null}"#)
+            parse_client_frame_(r#"{"type":"subscribe","room":[1],"requestId":null}"#)
         else {
             panic!("a subscribe frame")
         };
         assert_eq!(room, Err(InvalidRoom::NotAnObject));
-        assert_eq!(request_id, None);
-        let Ok(ClientFrame::Subscribe { room, .. }) = parse_client_frame(r#"{"type":"subscribe","requestId":1}"#)
+        assert_eq!(request_id, RequestIdField::Missing);
+        let Ok(ClientFrame::Subscribe { room, .. }) = parse_client_frame_(r#"{"type":"subscribe","requestId":1}"#)
         else {
             panic!("a subscribe frame")
         };
@@ -275,6 +394,59 @@ mod tests {
         let e: Value = serde_json::from_str(&error("non-json-message", None)).expect("json");
         assert_eq!(e, json!({"code": "error", "message": "non-json-message"}));
         assert_ne!(rid(json!("1")), rid(json!(1)));
+    }
+
+    #[test]
+    fn numbers_are_echoed_as_written() {
+        for raw in ["18446744073709551616", "1e2", "-0", "1.50", "7"] {
+            assert_eq!(echoed(raw), format!(r#"{{"code":"success","requestId":{raw}}}"#));
+        }
+        let e = error(
+            "not-subscribed",
+            parse_client_frame(r#"{"type":"unsubscribe","requestId":1E400}"#, 128)
+                .ok()
+                .and_then(|f| match f {
+                    ClientFrame::Unsubscribe { request_id } => request_id.id().cloned(),
+                    _ => None,
+                })
+                .as_ref(),
+        );
+        assert_eq!(e, r#"{"code":"error","message":"not-subscribed","requestId":1E400}"#);
+    }
+
+    #[test]
+    fn strings_are_one_id_however_escaped() {
+        assert_eq!(echoed(r#""\u0061""#), echoed(r#""a""#));
+        assert_eq!(echoed(r#""a""#), r#"{"code":"success","requestId":"a"}"#);
+        assert_eq!(echoed(r#""\"q\"""#), r#"{"code":"success","requestId":"\"q\""}"#);
+    }
+
+    #[test]
+    fn long_request_ids_are_refused_not_kept() {
+        let long = format!(r#"{{"type":"subscribe","room":{{"a":1}},"requestId":"{}"}}"#, "x".repeat(200));
+        let Ok(ClientFrame::Subscribe { request_id, .. }) = parse_client_frame(&long, 128) else { panic!("subscribe") };
+        assert_eq!(request_id, RequestIdField::TooLong);
+        let fits = format!(r#"{{"type":"unsubscribe","requestId":"{}"}}"#, "x".repeat(126));
+        assert!(matches!(
+            parse_client_frame(&fits, 128),
+            Ok(ClientFrame::Unsubscribe { request_id: RequestIdField::Id(_) })
+        ));
+        let over = format!(r#"{{"type":"unsubscribe","requestId":"{}"}}"#, "x".repeat(127));
+        assert!(matches!(
+            parse_client_frame(&over, 128),
+            Ok(ClientFrame::Unsubscribe { request_id: RequestIdField::TooLong })
+        ));
+    }
+
+    #[test]
+    fn other_fields_are_skipped_and_the_last_repeat_counts() {
+        let f = parse_client_frame_(r#"{"type":"status","type":"unsubscribe","x":[1,{"y":2}],"requestId":true}"#);
+        assert_eq!(f, Ok(ClientFrame::Unsubscribe { request_id: RequestIdField::Missing }));
+        assert_eq!(
+            parse_client_frame_(r#"{"type":"unsubscribe","requestId":[1]}"#),
+            Ok(ClientFrame::Unsubscribe { request_id: RequestIdField::Missing })
+        );
+        assert_eq!(parse_client_frame_(r#"{"type":"unsubscribe"} x"#), Err(FrameError::NonJson));
     }
 
     #[test]

@@ -33,7 +33,7 @@ use crate::gateway::Gateway;
 use crate::index::SubscriptionId;
 use crate::metrics::Reason;
 use crate::outbound::{OutboundQueue, Ready};
-use crate::protocol::{self, ClientFrame, RequestError, RequestId};
+use crate::protocol::{self, ClientFrame, RequestError, RequestId, RequestIdField};
 use crate::room::Room;
 
 /// Close code when a client message exceeds `limits.maxMessageBytes`.
@@ -103,12 +103,14 @@ struct Session {
 impl Session {
     /// Answers one client text frame (every frame gets exactly one reply).
     fn on_text(&mut self, text: &str) -> String {
-        match protocol::parse_client_frame(text) {
+        match protocol::parse_client_frame(text, self.gateway.config.limits.max_request_id_bytes) {
             Err(e) => protocol::error(e.code(), None),
             Ok(ClientFrame::Ping) => protocol::PONG.to_string(),
             Ok(ClientFrame::Subscribe { room, request_id }) => {
-                let Some(request_id) = request_id else {
-                    return protocol::error(RequestError::NoRequestId.code(), None);
+                let request_id = match request_id {
+                    RequestIdField::Id(id) => id,
+                    RequestIdField::Missing => return protocol::error(RequestError::NoRequestId.code(), None),
+                    RequestIdField::TooLong => return protocol::error(RequestError::InvalidRequestId.code(), None),
                 };
                 match self.subscribe(room, &request_id) {
                     Ok(()) => protocol::success(&request_id),
@@ -116,8 +118,10 @@ impl Session {
                 }
             }
             Ok(ClientFrame::Unsubscribe { request_id }) => {
-                let Some(request_id) = request_id else {
-                    return protocol::error(RequestError::NoRequestId.code(), None);
+                let request_id = match request_id {
+                    RequestIdField::Id(id) => id,
+                    RequestIdField::Missing => return protocol::error(RequestError::NoRequestId.code(), None),
+                    RequestIdField::TooLong => return protocol::error(RequestError::InvalidRequestId.code(), None),
                 };
                 match self.subscriptions.remove(&request_id) {
                     Some((room, id)) => {
@@ -129,9 +133,9 @@ impl Session {
             }
             Ok(ClientFrame::Status { request_id }) => {
                 if self.gateway.config.client_status.enabled {
-                    protocol::status(&self.gateway.hub.status(), request_id.as_ref())
+                    protocol::status(&self.gateway.hub.status(), request_id.id())
                 } else {
-                    protocol::error(protocol::FrameError::TypeNotAllowed.code(), request_id.as_ref())
+                    protocol::error(protocol::FrameError::TypeNotAllowed.code(), request_id.id())
                 }
             }
         }

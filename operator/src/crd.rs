@@ -272,6 +272,11 @@ pub struct LimitsSpec {
     #[serde(default = "default_send_buffer_bytes")]
     #[schemars(range(min = 0))]
     pub send_buffer_bytes: i64,
+    /// Longest client `requestId` as JSON text, bytes; longer ones are
+    /// answered `invalid-request-id` and not kept.
+    #[serde(default = "default_max_request_id_bytes")]
+    #[schemars(range(min = 2, max = 65536))]
+    pub max_request_id_bytes: i64,
 }
 
 fn default_max_connections() -> i64 {
@@ -289,6 +294,9 @@ fn default_idle_timeout() -> i64 {
 fn default_send_buffer_bytes() -> i64 {
     gateway_defaults().limits.send_buffer_bytes as i64
 }
+fn default_max_request_id_bytes() -> i64 {
+    gateway_defaults().limits.max_request_id_bytes as i64
+}
 
 impl Default for LimitsSpec {
     fn default() -> Self {
@@ -298,6 +306,7 @@ impl Default for LimitsSpec {
             max_message_bytes: default_max_message_bytes(),
             idle_timeout_seconds: default_idle_timeout(),
             send_buffer_bytes: default_send_buffer_bytes(),
+            max_request_id_bytes: default_max_request_id_bytes(),
         }
     }
 }

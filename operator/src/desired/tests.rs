@@ -105,6 +105,7 @@ fn config_map_is_a_valid_gateway_config() {
             s.rabbitmq.as_mut().expect("rabbitmq").durable = false;
             s.limits.max_connections = 1234;
             s.limits.send_buffer_bytes = 65536;
+            s.limits.max_request_id_bytes = 64;
             s.backend.forward = vec![ForwardRuleSpec {
                 header: "X-Tenant".into(),
                 from: vec![
@@ -121,6 +122,7 @@ fn config_map_is_a_valid_gateway_config() {
     assert!(!config.broker.amqp.exchange_durable);
     assert_eq!(config.limits.max_connections, 1234);
     assert_eq!(config.limits.send_buffer_bytes, 65536);
+    assert_eq!(config.limits.max_request_id_bytes, 64);
     assert_eq!(config.listen.0.port(), GATEWAY_PORT);
     assert_eq!(config.backend.forward.len(), 1);
     assert!(config.broker.amqp.url.is_none(), "the AMQP URL (a secret) is not in the ConfigMap");

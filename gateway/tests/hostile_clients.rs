@@ -1,0 +1,60 @@
+//! Regression tests of the hardening findings (issue 11): what a hostile or
+//! broken client sends is answered and bounded. A real gateway on a loopback
+//! port, a real HTTP backend, real websocket clients.
+
+mod common;
+
+use common::{Answer, TestBackend, TestGateway};
+use serde_json::json;
+
+fn backend() -> TestBackend {
+    TestBackend::new().answer("mallory", Answer::rooms(json!([{"user": "*"}])))
+}
+
+/// A `requestId` is echoed as its original JSON text, in replies and in
+/// publishes: numbers keep their spelling and precision.
+#[tokio::test]
+async fn request_ids_are_echoed_exactly_as_written() {
+    let gw = TestGateway::with_backend(&backend(), "").await;
+    let mut c = gw.client("mallory").await;
+    for (n, raw) in ["18446744073709551616", "1e2", "-0", "1.50"].iter().enumerate() {
+        c.send(&format!(r#"{{"type":"subscribe","room":{{"user":{n}}},"requestId":{raw}}}"#)).await;
+        assert_eq!(c.recv_text().await, format!(r#"{{"code":"success","requestId":{raw}}}"#));
+        assert_eq!(gw.trigger(&json!({"rooms": [{"user": n}], "data": 1})).await, 202);
+        assert_eq!(c.recv_text().await, format!(r#"{{"type":"publish","data":1,"requestId":{raw}}}"#));
+    }
+    c.send(r#"{"type":"unsubscribe","requestId":1e2}"#).await;
+    assert_eq!(c.recv_text().await, r#"{"code":"success","requestId":1e2}"#);
+    c.send(r#"{"type":"unsubscribe","requestId":100}"#).await;
+    assert_eq!(c.recv_text().await, r#"{"code":"error","message":"not-subscribed","requestId":100}"#);
+}
+
+/// Long `requestId`s are refused (`invalid-request-id`, not echoed) and
+/// nothing is kept for them: one connection cannot hold megabytes of ids.
+#[tokio::test]
+async fn long_request_ids_are_refused_and_not_kept() {
+    let gw = TestGateway::with_backend(&backend(), "").await;
+    let mut c = gw.client("mallory").await;
+    let long = "x".repeat(60_000);
+    for n in 0..20 {
+        let frame = json!({"type": "subscribe", "room": {"user": n}, "requestId": long}).to_string();
+        assert_eq!(c.request(&frame).await, json!({"code": "error", "message": "invalid-request-id"}));
+    }
+    let frame = json!({"type": "unsubscribe", "requestId": long}).to_string();
+    assert_eq!(c.request(&frame).await, json!({"code": "error", "message": "invalid-request-id"}));
+    let status = c.request(r#"{"type":"status"}"#).await;
+    assert_eq!(status["num_subscriptions"], json!(0), "{status}");
+    // A UUID, as 3.x clients send, fits the default limit.
+    let uuid = "0b4e7a0e-5e2b-4a3c-9c1e-7f0f3a6b2d11";
+    assert_eq!(c.subscribe(json!({"user": 1}), json!(uuid)).await, json!({"code": "success", "requestId": uuid}));
+}
+
+/// The limit is configurable.
+#[tokio::test]
+async fn the_request_id_limit_is_configurable() {
+    let gw = TestGateway::with_backend(&backend(), "limits: {maxRequestIdBytes: 8}").await;
+    let mut c = gw.client("mallory").await;
+    assert_eq!(c.subscribe(json!({"user": 1}), json!("123456")).await["code"], "success");
+    let refused = c.subscribe(json!({"user": 2}), json!("1234567")).await;
+    assert_eq!(refused, json!({"code": "error", "message": "invalid-request-id"}));
+}
