@@ -63,13 +63,19 @@ async fn readiness_follows_the_broker_and_sessions_survive_an_outage() {
     common::AmqpPublisher::connect().await.delete_exchange(&exchange).await;
 }
 
-/// The pid of the RabbitMQ server (the Erlang VM).
+/// The pid of the RabbitMQ server of the tests: the process listening on
+/// 127.0.0.1:5672 (other Erlang VMs, other RabbitMQ nodes among them, may
+/// run on the machine too).
 fn rabbitmq_pid() -> String {
-    let out = Command::new("pgrep").args(["-x", "beam.smp"]).output().expect("pgrep");
-    let pids = String::from_utf8_lossy(&out.stdout);
-    let pid = pids.lines().next().expect("a running beam.smp (RabbitMQ)").trim().to_string();
-    assert!(pids.lines().count() == 1, "expected one Erlang VM, found {pids}");
-    pid
+    let out = Command::new("ss")
+        .args(["-Hltnp", "src", "127.0.0.1:5672"])
+        .output()
+        .expect("run ss (Debian's iproute2) to find the broker's pid");
+    let listeners = String::from_utf8_lossy(&out.stdout);
+    let pids: std::collections::BTreeSet<&str> =
+        listeners.split("pid=").skip(1).filter_map(|rest| rest.split(|c: char| !c.is_ascii_digit()).next()).collect();
+    assert!(pids.len() == 1, "expected one process listening on 127.0.0.1:5672, found {listeners:?}");
+    pids.into_iter().next().expect("one pid").to_string()
 }
 
 /// Resumes a SIGSTOPped broker however the test ends.
