@@ -13,7 +13,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::json;
 use subtle::ConstantTimeEq;
-use tracing::{info, warn};
+use tracing::{debug, warn};
 
 use crate::forwarding::ClientRequest;
 use crate::gateway::Gateway;
@@ -102,14 +102,16 @@ async fn websocket(
         })
 }
 
-/// `Authorization: Bearer <token>` compared in constant time.
+/// `Authorization: Bearer <token>` (the scheme case-insensitive, RFC 7235
+/// §2.1), the token compared in constant time.
 fn bearer_matches(headers: &HeaderMap, token: &str) -> bool {
-    let Some(given) =
-        headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "))
-    else {
+    let Some(value) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) else {
         return false;
     };
-    given.trim().as_bytes().ct_eq(token.as_bytes()).into()
+    let Some((scheme, given)) = value.split_once(' ') else {
+        return false;
+    };
+    scheme.eq_ignore_ascii_case("bearer") && given.trim().as_bytes().ct_eq(token.as_bytes()).into()
 }
 
 async fn trigger(State(gateway): State<Arc<Gateway>>, headers: HeaderMap, body: Body) -> Response {
@@ -149,7 +151,8 @@ async fn trigger(State(gateway): State<Arc<Gateway>>, headers: HeaderMap, body: 
     let rooms = trigger.rooms.len();
     match gateway.broker.publish(trigger).await {
         Ok(()) => {
-            info!(rooms, "trigger accepted");
+            // One line per trigger is too many at production rates.
+            debug!(rooms, "trigger accepted");
             (StatusCode::ACCEPTED, axum::Json(json!({"status": "accepted"}))).into_response()
         }
         Err(e) => {
@@ -172,6 +175,12 @@ mod tests {
         assert!(!bearer_matches(&h, "t0"));
         assert!(!bearer_matches(&h, "t0kk"));
         h.insert(header::AUTHORIZATION, "Token t0k".parse().expect("value"));
+        assert!(!bearer_matches(&h, "t0k"));
+        for scheme in ["bearer", "BEARER", "bEaReR"] {
+            h.insert(header::AUTHORIZATION, format!("{scheme} t0k").parse().expect("value"));
+            assert!(bearer_matches(&h, "t0k"), "{scheme}");
+        }
+        h.insert(header::AUTHORIZATION, "Bearert0k".parse().expect("value"));
         assert!(!bearer_matches(&h, "t0k"));
     }
 }

@@ -29,6 +29,8 @@
 //! - [`gateway`]: `Gateway`, the state shared by all of the above.
 //! - [`server`]: `Server`, bind, serve, graceful shutdown.
 //! - [`metrics`]: Prometheus families.
+//! - [`log_throttle`]: `LogThrottle`, rate-limited warnings for events
+//!   untrusted input can repeat.
 //! - [`cli`]: command-line flags and environment variables.
 //! - [`process`]: logging setup and termination signals (shared with the operator).
 
@@ -43,6 +45,7 @@ pub mod gateway;
 pub mod http;
 pub mod hub;
 pub mod index;
+pub mod log_throttle;
 pub mod metrics;
 pub mod outbound;
 pub mod process;

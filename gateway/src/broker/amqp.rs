@@ -31,6 +31,7 @@ use tracing::{info, warn};
 use super::{Broker, BrokerError};
 use crate::config::{AmqpConfig, seconds};
 use crate::hub::Hub;
+use crate::log_throttle::LogThrottle;
 use crate::metrics::{Metrics, Reason, TriggerSource};
 use crate::trigger::Trigger;
 
@@ -332,8 +333,18 @@ fn on_body(shared: &Shared, body: &[u8]) {
         }
         Err(e) => {
             shared.metrics.triggers_rejected.get_or_create(&Reason { reason: e.reason() }).inc();
-            // The error never quotes the body.
-            warn!(reason = e.reason(), error = %e, bytes = body.len(), "malformed AMQP trigger dropped");
+            // A publisher can send malformed bodies as fast as it likes: one
+            // line per interval, with a count; the reason label only, never
+            // the error text (it may name a room key of the body).
+            static MALFORMED: LogThrottle = LogThrottle::new(std::time::Duration::from_secs(10));
+            if let Some(suppressed) = MALFORMED.allow() {
+                warn!(
+                    reason = e.reason(),
+                    bytes = body.len(),
+                    suppressed,
+                    "malformed AMQP trigger dropped (counted in hightemplar_triggers_rejected_total)"
+                );
+            }
         }
     }
 }

@@ -1,0 +1,99 @@
+//! What the real binary logs (issue 11, finding 10): never a credential at
+//! any level, dependencies included (`HT_LOG=trace`); never the contents of
+//! a trigger body; malformed triggers rate-limited; per-trigger lines at
+//! debug only. Runs against the real RabbitMQ with a user of its own.
+
+mod common;
+
+use std::process::{Command, Stdio};
+
+use common::{Answer, TestBackend, http_get, http_post, require_rabbitmq, unique_exchange};
+use serde_json::json;
+
+const BIN: &str = env!("CARGO_BIN_EXE_high-templar-gateway");
+
+fn rabbitmqctl(args: &[&str]) {
+    let out = Command::new("rabbitmqctl").args(args).output().unwrap_or_else(|e| {
+        panic!("cannot run rabbitmqctl ({e}): this test needs Debian's rabbitmq-server (tests/run installs it)")
+    });
+    assert!(out.status.success(), "rabbitmqctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A RabbitMQ user with a password no log may show; deleted on drop.
+struct AmqpUser(String);
+
+impl AmqpUser {
+    fn create(password: &str) -> AmqpUser {
+        let name = format!("ht-logs-{}", std::process::id());
+        rabbitmqctl(&["add_user", &name, password]);
+        rabbitmqctl(&["set_permissions", "-p", "/", &name, ".*", ".*", ".*"]);
+        AmqpUser(name)
+    }
+}
+
+impl Drop for AmqpUser {
+    fn drop(&mut self) {
+        let _ = Command::new("rabbitmqctl").args(["delete_user", &self.0]).output();
+    }
+}
+
+#[tokio::test]
+async fn trace_logs_hold_no_credentials_no_body_contents_and_few_lines() {
+    require_rabbitmq().await;
+    let password = format!("pw-{}-Zq7", std::process::id());
+    let user = AmqpUser::create(&password);
+    let exchange = unique_exchange("logs");
+    let backend = TestBackend::new().answer("carol", Answer::rooms(json!([{"user": 3}])));
+    let backend_url = backend.serve().await;
+    let port = common::free_port();
+    let amqp_url = format!("amqp://{}:{password}@127.0.0.1:5672/%2f", user.0);
+    let mut child = tokio::process::Command::new(BIN)
+        .args(["serve", "--broker", "amqp", "--exchange", &exchange, "--exchange-durable", "false"])
+        .args(["--backend-url", &backend_url, "--listen", &format!("127.0.0.1:{port}")])
+        .env("HT_AMQP_URL", &amqp_url)
+        .env("HT_TRIGGER_TOKEN", "trigger-token-Xy9")
+        .env("HT_LOG", "trace")
+        .env("HT_LOG_FORMAT", "json")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn gateway");
+    let base = format!("http://127.0.0.1:{port}");
+    common::eventually("gateway consuming", || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok()
+            && http_get(&format!("{base}/readyz")).await.0 == 200
+    })
+    .await;
+
+    // A flood of malformed bodies naming a room key, and good triggers.
+    let publisher = common::AmqpPublisher::connect().await;
+    for _ in 0..300 {
+        publisher.publish(&exchange, br#"{"rooms":[{"secret-room-key":{"nested":1}}],"data":1}"#).await;
+    }
+    for _ in 0..5 {
+        let body = json!({"rooms": [{"user": 3}], "data": "fine"}).to_string().into_bytes();
+        assert_eq!(http_post(&format!("{base}/trigger"), Some("trigger-token-Xy9"), body).await.0, 202);
+    }
+    common::eventually("the malformed bodies were all counted", || async {
+        let metrics = http_get(&format!("{base}/metrics")).await.1;
+        common::metric_value(&metrics, "hightemplar_triggers_rejected_total{reason=\"invalid_room\"}") >= 300.0
+    })
+    .await;
+    let _ = Command::new("kill").args(["-TERM", &child.id().expect("pid").to_string()]).status();
+    let _ = child.wait().await;
+    let logs = common::stderr_of(&mut child).await;
+    publisher.delete_exchange(&exchange).await;
+
+    let password_bytes = password.bytes().map(|b| b.to_string()).collect::<Vec<_>>().join(", ");
+    for secret in [password.as_str(), password_bytes.as_str(), "trigger-token-Xy9", "secret-room-key"] {
+        assert!(!logs.contains(secret), "the logs show {secret:?}");
+    }
+    let malformed = logs.lines().filter(|l| l.contains("malformed AMQP trigger dropped")).count();
+    assert!((1..=2).contains(&malformed), "{malformed} lines for 300 malformed triggers");
+    let accepted: Vec<&str> = logs.lines().filter(|l| l.contains("trigger accepted")).collect();
+    assert_eq!(accepted.len(), 5, "each trigger at debug level: {accepted:?}");
+    assert!(accepted.iter().all(|l| l.contains(r#""level":"DEBUG""#)), "{accepted:?}");
+    // The filter keeps what the project itself logs at trace and debug.
+    assert!(logs.contains(r#""level":"DEBUG""#), "debug lines of the gateway are kept");
+}
