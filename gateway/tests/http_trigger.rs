@@ -10,6 +10,24 @@ fn backend() -> TestBackend {
     TestBackend::new().answer("bob", Answer::rooms(json!([{"user": 2}])))
 }
 
+/// RFC 7235 §2.1: the scheme is case-insensitive (`bearer`, as some HTTP
+/// clients send it); the token is not.
+#[tokio::test]
+async fn the_bearer_scheme_is_case_insensitive() {
+    let gw = TestGateway::with_backend(&backend(), "").await;
+    let url = gw.http_url("/trigger");
+    let good = br#"{"rooms":[{"user":2}],"data":1}"#.to_vec();
+    for scheme in ["bearer", "BEARER", "Bearer"] {
+        let (status, body) =
+            common::http_post_authorized(&url, Some(format!("{scheme} test-token")), good.clone()).await;
+        assert_eq!(status, 202, "{scheme}: {body}");
+    }
+    let (status, _) = common::http_post_authorized(&url, Some("bearer TEST-TOKEN".into()), good.clone()).await;
+    assert_eq!(status, 401, "the token itself is compared exactly");
+    let (status, _) = common::http_post_authorized(&url, Some("Basic test-token".into()), good).await;
+    assert_eq!(status, 401, "another scheme");
+}
+
 #[tokio::test]
 async fn trigger_auth_and_validation_errors() {
     let gw = TestGateway::with_backend(&backend(), "trigger: {maxBodyBytes: 4096}").await;

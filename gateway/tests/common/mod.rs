@@ -356,9 +356,14 @@ pub async fn http_get(url: &str) -> (u16, String) {
 
 /// POST with an optional bearer token.
 pub async fn http_post(url: &str, bearer: Option<&str>, body: Vec<u8>) -> (u16, String) {
+    http_post_authorized(url, bearer.map(|t| format!("Bearer {t}")), body).await
+}
+
+/// A JSON POST with `Authorization: <authorization>` as given.
+pub async fn http_post_authorized(url: &str, authorization: Option<String>, body: Vec<u8>) -> (u16, String) {
     let mut headers = vec![("Content-Type", "application/json".to_string())];
-    if let Some(t) = bearer {
-        headers.push(("Authorization", format!("Bearer {t}")));
+    if let Some(a) = authorization {
+        headers.push(("Authorization", a));
     }
     http_request("POST", url, &headers, body).await
 }
