@@ -43,6 +43,8 @@ pub struct Config {
     pub shutdown: ShutdownConfig,
     /// Whether clients may ask for `{"type":"status"}`.
     pub client_status: ClientStatusConfig,
+    /// Who may connect: browser origins.
+    pub security: SecurityConfig,
 }
 
 /// A listen address, default `0.0.0.0:8080`.
@@ -231,6 +233,17 @@ impl Default for ClientStatusConfig {
     }
 }
 
+/// What protects the users behind the gateway from other sites.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct SecurityConfig {
+    /// Browser origins allowed to open a websocket besides the gateway's
+    /// own (same-origin: the Origin's host equals `Host`): exact origins
+    /// (`https://app.example.com`), `https://*.example.com` patterns, or
+    /// `"*"` for any. Requests without `Origin` (not browsers) are allowed.
+    pub allowed_origins: Vec<String>,
+}
+
 /// A configuration that cannot be used. The message names the field.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -338,6 +351,8 @@ impl Config {
             return Err(invalid("limits.maxRequestIdBytes", "must be at least 2"));
         }
         at_least_one("trigger.maxBodyBytes", self.trigger.max_body_bytes)?;
+        crate::origin::OriginPolicy::new(&self.security.allowed_origins)
+            .map_err(|e| invalid("security.allowedOrigins", &e.to_string()))?;
         if self.limits.max_message_bytes < 16 {
             return Err(invalid("limits.maxMessageBytes", "must be at least 16"));
         }

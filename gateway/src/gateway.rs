@@ -14,6 +14,7 @@ use crate::config::Config;
 use crate::forwarding::ForwardingTable;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
+use crate::origin::OriginPolicy;
 
 /// Shared state of one gateway process.
 pub struct Gateway {
@@ -27,6 +28,8 @@ pub struct Gateway {
     pub backend: BootstrapClient,
     /// What of a client's request is forwarded to the backend.
     pub forwarding: ForwardingTable,
+    /// Which browser origins may connect.
+    pub origins: OriginPolicy,
     /// Process metrics.
     pub metrics: Arc<Metrics>,
     /// Set on SIGTERM: readiness 503, new websockets refused.

@@ -70,10 +70,18 @@ async fn websocket(
     headers: HeaderMap,
     upgrade: WebSocketUpgrade,
 ) -> Response {
-    let refuse = |reason: &'static str, message: &'static str| {
+    let refuse_with = |status: StatusCode, reason: &'static str, message: &'static str| {
         gateway.metrics.connections_refused.get_or_create(&Reason { reason }).inc();
-        (StatusCode::SERVICE_UNAVAILABLE, message).into_response()
+        (status, message).into_response()
     };
+    let refuse = |reason, message| refuse_with(StatusCode::SERVICE_UNAVAILABLE, reason, message);
+    // Before anything else, the backend call included: a page of another
+    // site must not get the user's rooms with the user's cookies.
+    let header_text = |name| headers.get(name).and_then(|v: &header::HeaderValue| v.to_str().ok());
+    let origin = headers.get(header::ORIGIN).map(|v| v.to_str().unwrap_or(""));
+    if !gateway.origins.allows(origin, header_text(header::HOST)) {
+        return refuse_with(StatusCode::FORBIDDEN, "origin", "origin not allowed\n");
+    }
     if gateway.is_draining() {
         return refuse("draining", "shutting down\n");
     }

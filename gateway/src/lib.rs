@@ -15,6 +15,7 @@
 //! - [`protocol`]: client frames in, reply frames out.
 //! - [`trigger`]: trigger bodies (`{"rooms":[…],"data":…}`).
 //! - [`forwarding`]: which client request data goes to the backend.
+//! - [`origin`]: `OriginPolicy`, which browser origins may connect.
 //! - [`config`]: the YAML configuration and its validation.
 //!
 //! State and I/O:
@@ -47,6 +48,7 @@ pub mod hub;
 pub mod index;
 pub mod log_throttle;
 pub mod metrics;
+pub mod origin;
 pub mod outbound;
 pub mod process;
 pub mod protocol;

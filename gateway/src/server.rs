@@ -67,6 +67,8 @@ impl Server {
         let backend = BootstrapClient::new(&config.backend, metrics.clone())?;
         let forwarding = ForwardingTable::new(&config.backend.forward)
             .map_err(|e| ConfigError::Invalid { field: "backend.forward", message: e.to_string() })?;
+        let origins = crate::origin::OriginPolicy::new(&config.security.allowed_origins)
+            .map_err(|e| ConfigError::Invalid { field: "security.allowedOrigins", message: e.to_string() })?;
         let addr = config.listen.0;
         let listener = TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })?;
         let gateway = Arc::new(Gateway {
@@ -75,6 +77,7 @@ impl Server {
             broker,
             backend,
             forwarding,
+            origins,
             metrics,
             draining: Default::default(),
             close_sessions: CancellationToken::new(),

@@ -4,8 +4,9 @@
 
 mod common;
 
-use common::{Answer, TestBackend, TestGateway};
+use common::{Answer, Client, TestBackend, TestGateway};
 use serde_json::json;
+use tokio_tungstenite::tungstenite::Error as WsError;
 
 fn backend() -> TestBackend {
     TestBackend::new().answer("mallory", Answer::rooms(json!([{"user": "*"}])))
@@ -57,4 +58,46 @@ async fn the_request_id_limit_is_configurable() {
     assert_eq!(c.subscribe(json!({"user": 1}), json!("123456")).await["code"], "success");
     let refused = c.subscribe(json!({"user": 2}), json!("1234567")).await;
     assert_eq!(refused, json!({"code": "error", "message": "invalid-request-id"}));
+}
+
+/// The HTTP status of an upgrade to `gw` as `mallory` with `origin`;
+/// 101 when it went through.
+async fn upgrade_status(gw: &TestGateway, origin: Option<&str>) -> u16 {
+    let headers: Vec<(&str, &str)> = origin.map(|o| ("Origin", o)).into_iter().collect();
+    match Client::connect(&gw.ws_url(Some("mallory")), &headers).await {
+        Ok(_) => 101,
+        Err(WsError::Http(response)) => response.status().as_u16(),
+        Err(e) => panic!("upgrade failed otherwise: {e}"),
+    }
+}
+
+/// Cross-site websocket hijacking: a page of another site, in the victim's
+/// browser (cookies attached), is refused with 403 before the backend is
+/// asked anything; same-origin pages and non-browser clients connect.
+#[tokio::test]
+async fn other_sites_cannot_open_a_websocket_with_the_users_cookies() {
+    let backend = backend();
+    let gw = TestGateway::with_backend(&backend, "").await;
+    assert_eq!(upgrade_status(&gw, Some("https://evil.example")).await, 403);
+    assert_eq!(upgrade_status(&gw, Some("null")).await, 403);
+    assert_eq!(upgrade_status(&gw, Some(&format!("http://{}.evil.example", gw.addr.ip()))).await, 403);
+    assert!(backend.seen().is_empty(), "the backend was called for a refused origin");
+    assert_eq!(gw.metric(r#"hightemplar_connections_refused_total{reason="origin"}"#).await, 3.0);
+    assert_eq!(upgrade_status(&gw, Some(&format!("http://{}", gw.addr))).await, 101, "same origin");
+    assert_eq!(upgrade_status(&gw, None).await, 101, "no Origin: not a browser");
+}
+
+#[tokio::test]
+async fn allowed_origins_lists_other_sites_and_star_turns_the_check_off() {
+    let gw = TestGateway::with_backend(
+        &backend(),
+        r#"security: {allowedOrigins: ["https://app.example.com", "https://*.example.org"]}"#,
+    )
+    .await;
+    assert_eq!(upgrade_status(&gw, Some("https://app.example.com")).await, 101);
+    assert_eq!(upgrade_status(&gw, Some("https://a.b.example.org")).await, 101);
+    assert_eq!(upgrade_status(&gw, Some("https://example.org")).await, 403);
+    assert_eq!(upgrade_status(&gw, Some("https://app.example.com.evil.example")).await, 403);
+    let open = TestGateway::with_backend(&backend(), r#"security: {allowedOrigins: ["*"]}"#).await;
+    assert_eq!(upgrade_status(&open, Some("https://evil.example")).await, 101);
 }

@@ -82,6 +82,9 @@ pub struct HighTemplarSpec {
     /// SIGTERM behaviour of the gateway pods.
     #[serde(default)]
     pub shutdown: ShutdownSpec,
+    /// Who may connect.
+    #[serde(default)]
+    pub security: SecuritySpec,
     /// The Service in front of the pods.
     #[serde(default)]
     pub service: ServiceSpec,
@@ -309,6 +312,21 @@ impl Default for LimitsSpec {
             max_request_id_bytes: default_max_request_id_bytes(),
         }
     }
+}
+
+/// Who may connect to the gateway pods.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct SecuritySpec {
+    /// Browser origins allowed to connect besides the gateway's own host
+    /// (same-origin): exact origins (`https://app.example.com`),
+    /// `https://*.example.com` patterns, or `"*"` for any. Clients that send
+    /// no Origin (not browsers) always may. A 3.x deployment whose page is
+    /// served from another host than the websocket must list that host.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 100), inner(length(max = 255)))]
+    #[x_kube(validation = Rule::new(r"self.all(o, o == '*' || o.matches('^[A-Za-z][A-Za-z0-9+.-]*://([*][.])?[^/*@?# ]+/?$'))").message("allowedOrigins entries are scheme://host[:port] (e.g. https://app.example.com, https://*.example.com) or \"*\""))]
+    pub allowed_origins: Vec<String>,
 }
 
 /// Graceful shutdown of the gateway pods.

@@ -52,6 +52,7 @@ pub fn gateway_config(spec: &HighTemplarSpec) -> Config {
         c.broker.amqp.exchange = rabbitmq.exchange.clone();
         c.broker.amqp.exchange_durable = rabbitmq.durable;
     }
+    c.security.allowed_origins = spec.security.allowed_origins.clone();
     let limits = &spec.limits;
     c.limits.max_connections = usize::try_from(limits.max_connections).unwrap_or(usize::MAX);
     c.limits.max_subscriptions_per_connection =

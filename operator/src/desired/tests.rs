@@ -29,6 +29,7 @@ impl Fixture {
             trigger: None,
             limits: LimitsSpec::default(),
             shutdown: ShutdownSpec::default(),
+            security: Default::default(),
             service: ServiceSpec::default(),
             autoscaling: AutoscalingSpec::default(),
             pod_disruption_budget: PodDisruptionBudgetSpec::default(),
@@ -106,6 +107,7 @@ fn config_map_is_a_valid_gateway_config() {
             s.limits.max_connections = 1234;
             s.limits.send_buffer_bytes = 65536;
             s.limits.max_request_id_bytes = 64;
+            s.security.allowed_origins = vec!["https://*.example.com".into()];
             s.backend.forward = vec![ForwardRuleSpec {
                 header: "X-Tenant".into(),
                 from: vec![
@@ -123,6 +125,7 @@ fn config_map_is_a_valid_gateway_config() {
     assert_eq!(config.limits.max_connections, 1234);
     assert_eq!(config.limits.send_buffer_bytes, 65536);
     assert_eq!(config.limits.max_request_id_bytes, 64);
+    assert_eq!(config.security.allowed_origins, ["https://*.example.com"]);
     assert_eq!(config.listen.0.port(), GATEWAY_PORT);
     assert_eq!(config.backend.forward.len(), 1);
     assert!(config.broker.amqp.url.is_none(), "the AMQP URL (a secret) is not in the ConfigMap");
