@@ -276,11 +276,14 @@ ht_apiserver_args() {
         --allow-privileged=true --profiling=false --v=1)
 }
 
-# ht_kcm_args KUBECONFIG PORT -> KCM_ARGS: no leader election, ServiceAccount
-# token signing, root CA, CSR signing by the CA, health on 127.0.0.1:PORT.
+# ht_kcm_args KUBECONFIG PORT FLEX_DIR -> KCM_ARGS: no leader election,
+# ServiceAccount token signing, root CA, CSR signing by the CA, health on
+# 127.0.0.1:PORT, flex volume plugins in FLEX_DIR (else it creates
+# /usr/libexec/kubernetes/kubelet-plugins/volume/exec on the host).
 ht_kcm_args() {
     KCM_ARGS=(--kubeconfig="$1" --authentication-kubeconfig="$1" --authorization-kubeconfig="$1"
         --bind-address=127.0.0.1 --secure-port="$2" --cert-dir="$P/kcm-generated"
+        --flex-volume-plugin-dir="$3"
         --leader-elect=false
         --service-account-private-key-file="$P/sa.key" --root-ca-file="$P/ca.crt"
         --cluster-signing-cert-file="$P/ca.crt" --cluster-signing-key-file="$P/ca.key"

@@ -133,7 +133,7 @@ ht_wait_for kube-apiserver "kube-apiserver $APISERVER_URL/readyz" apiserver_read
 
 KCM_PID=""
 if [ "$WITH_KCM" = 1 ]; then
-    ht_kcm_args "$W/kubeconfig" "$KCM_PORT"
+    ht_kcm_args "$W/kubeconfig" "$KCM_PORT" "$W/run/flexvolume"
     ht_run kube-controller-manager "$HT_KUBE_CONTROLLER_MANAGER" "${KCM_ARGS[@]}" \
         --use-service-account-credentials=false
     kcm_healthy() { curl -fsSk --max-time 2 "https://127.0.0.1:$KCM_PORT/healthz" | grep -qx ok; }

@@ -48,6 +48,14 @@ echo "smoke: start.sh took $START_MS"
 # shellcheck disable=SC1091
 source "$W/env"
 k() { "$HT_KUBECTL" "$@"; }
+# pod_pid POD: host pid of the pod's (first) container, to look at it and
+# enter its network namespace from the host.
+pod_pid() {
+    local id
+    id="$(k get pod "$1" -o 'jsonpath={.status.containerStatuses[0].containerID}')"
+    # shellcheck disable=SC2086  # $CTR is a command line
+    $CTR tasks ls | awk -v id="${id#containerd://}" '$1 == id { print $2 }'
+}
 
 # --- a Pod from the pause image ---------------------------------------------------
 t=$(date +%s%N)
@@ -68,6 +76,22 @@ EOF
 k wait --for=condition=Ready pod/pause --timeout=60s >/dev/null \
     || fail "pause pod not Ready: $(k describe pod pause | tail -n 15)"
 ok "pause Pod Running/Ready ($(ms_since "$t"), IP $(k get pod pause -o 'jsonpath={.status.podIP}'))"
+
+# --- from inside a pod's network namespace ------------------------------------------
+pid="$(pod_pid pause)"
+[ -n "$pid" ] || fail "no pid for the pause pod's container"
+grep -q "^nameserver $DNS_SERVICE_IP" "/proc/$pid/root/etc/resolv.conf" || fail "pod resolv.conf: $(cat "/proc/$pid/root/etc/resolv.conf")"
+got="$(nsenter --net="/proc/$pid/ns/net" -- dig +short +time=2 +tries=2 @"$DNS_SERVICE_IP" "kubernetes.default.svc.$CLUSTER_DOMAIN" A)"
+[ "$got" = "$KUBERNETES_SERVICE_IP" ] || fail "kubernetes.default.svc.$CLUSTER_DOMAIN from the pod resolved to '$got'"
+ok "a pod (nameserver $DNS_SERVICE_IP in its resolv.conf) resolves kubernetes.default.svc.$CLUSTER_DOMAIN -> $got"
+port=$((20000 + RANDOM % 10000))
+python3 -m http.server --bind "$HOST_IP" "$port" --directory "$W/logs" >/dev/null 2>&1 &
+srv=$!
+for _ in $(seq 1 50); do (exec 3<>"/dev/tcp/$HOST_IP/$port") 2>/dev/null && break; sleep 0.1; done
+nsenter --net="/proc/$pid/ns/net" -- curl -fsS --max-time 5 -o /dev/null "http://$HOST_IP:$port/" \
+    || { kill "$srv"; fail "pod -> host $HOST_IP:$port"; }
+kill "$srv"; wait "$srv" 2>/dev/null || true
+ok "a pod reaches the host at $HOST_IP"
 
 # --- the kubernetes Service from the host (kube-proxy DNAT to the apiserver) -------
 curl -fsS --max-time 5 --cacert "$APISERVER_CA_FILE" -H "Authorization: Bearer $APISERVER_TOKEN" \
@@ -115,7 +139,33 @@ EOF
     [ "$got" = "$ip" ] || fail "gateway.default.svc.$CLUSTER_DOMAIN resolved to '$got', want $ip"
     ok "gateway.default.svc.$CLUSTER_DOMAIN -> $got"
     k logs gateway --tail 3 >/dev/null || fail "kubectl logs gateway"
-    ok "kubectl logs gateway"
+    k exec gateway -- /usr/local/bin/high-templar-gateway --version >/dev/null || fail "kubectl exec gateway"
+    ok "kubectl logs gateway, kubectl exec gateway"
+    pfport=$((20000 + RANDOM % 10000))
+    k port-forward pod/gateway "$pfport:8080" >/dev/null 2>&1 &
+    pf=$!
+    for i in $(seq 1 50); do
+        curl -fsS --max-time 2 "http://127.0.0.1:$pfport/healthz" >/dev/null 2>&1 && break
+        [ "$i" = 50 ] && { kill "$pf"; fail "kubectl port-forward pod/gateway"; }
+        sleep 0.2
+    done
+    kill "$pf"; wait "$pf" 2>/dev/null || true
+    ok "kubectl port-forward pod/gateway"
+    # pod -> Service -> pod on the same bridge (hairpin through iptables)
+    nsenter --net="/proc/$(pod_pid pause)/ns/net" -- curl -fsS --max-time 5 "http://$ip/healthz" >/dev/null \
+        || fail "pause pod -> Service gateway $ip"
+    ok "a pod reaches another pod through its ClusterIP Service"
+    # the ServiceAccount token of the gateway pod, through the kubernetes Service
+    gpid="$(pod_pid gateway)"
+    sa="/proc/$gpid/root/var/run/secrets/kubernetes.io/serviceaccount"
+    who="$(nsenter --net="/proc/$gpid/ns/net" -- curl -fsS --max-time 5 --cacert "$sa/ca.crt" \
+        -H "Authorization: Bearer $(cat "$sa/token")" -H 'Content-Type: application/json' -X POST \
+        --data '{"apiVersion":"authentication.k8s.io/v1","kind":"SelfSubjectReview"}' \
+        "https://kubernetes.default.svc.$CLUSTER_DOMAIN/apis/authentication.k8s.io/v1/selfsubjectreviews" \
+        --resolve "kubernetes.default.svc.$CLUSTER_DOMAIN:443:$KUBERNETES_SERVICE_IP")" \
+        || fail "SelfSubjectReview with the gateway pod's token"
+    grep -q '"username": *"system:serviceaccount:default:default"' <<<"$who" || fail "SelfSubjectReview: $who"
+    ok "the gateway pod's ServiceAccount token authenticates at https://kubernetes.default.svc"
 fi
 
 # --- DNS ----------------------------------------------------------------------------------

@@ -81,6 +81,8 @@ cleanup_on_failure() {
     if [ "$CLAIMED" = 1 ]; then
         log "start failed after $((SECONDS - T0))s; cleaning up (logs kept in $W/logs)"
         "$HERE/stop.sh" --keep-logs "$W" >&2 || true
+    else
+        rmdir "$W/run" "$W/logs" "$W" 2>/dev/null || true
     fi
 }
 trap cleanup_on_failure EXIT
@@ -111,7 +113,8 @@ ht_node_load_vars
 
 # What exists on the host before we start, so that stop.sh removes only what the node made.
 {
-    for d in /var/log/pods /var/log/containers /var/lib/cni /var/lib/cni/results /run/containerd /run/containerd/s /run/netns; do
+    for d in /var/log/pods /var/log/containers /var/lib/cni /var/lib/cni/results /run/containerd /run/containerd/s \
+        /run/netns /var/lib/kubelet /var/lib/kubelet/device-plugins; do
         [ -e "$d" ] && echo "existed $d"
     done
     grep -q ' /run/netns ' /proc/self/mountinfo && echo "mounted /run/netns"
@@ -314,13 +317,12 @@ ht_wait_for kube-apiserver "kube-apiserver $APISERVER_URL/readyz" apiserver_read
 mark apiserver
 
 mkdir -p "$W/kubelet-plugins/volume/exec"
-ht_kcm_args "$W/kubeconfigs/kube-controller-manager.kubeconfig" 10257
+ht_kcm_args "$W/kubeconfigs/kube-controller-manager.kubeconfig" 10257 "$W/kubelet-plugins/volume/exec"
 ht_run kube-controller-manager "${NSX[@]}" "$HT_KUBE_CONTROLLER_MANAGER" "${KCM_ARGS[@]}" \
     --tls-cert-file="$P/kube-controller-manager-serving.crt" \
     --tls-private-key-file="$P/kube-controller-manager-serving.key" \
     --use-service-account-credentials=true \
-    --allocate-node-cidrs=false \
-    --flex-volume-plugin-dir="$W/kubelet-plugins/volume/exec"
+    --allocate-node-cidrs=false
 
 # --- CoreDNS, kube-proxy ---------------------------------------
 mkdir -p "$W/coredns"
@@ -538,7 +540,7 @@ ht_write_env "Written by tests/node/start.sh; source it. Stop with: tests/node/s
     SCHEDULER_PID="$(pid kube-scheduler)" CONTAINERD_PID="$(pid containerd)" KUBELET_PID="$(pid kubelet)" \
     KUBE_PROXY_PID="$(pid kube-proxy)" COREDNS_PID="$(pid coredns)" RABBITMQ_PID="$(cat "$W/run/rabbitmq-beam.pid" 2>/dev/null || true)" \
     WATCHDOG_PID="$WATCHDOG_PID" \
-    KUBE_VERSION="$KUBE_VERSION" HT_KUBECTL="$HT_KUBECTL" HT_HELM="$HT_HELM" HT_BIN="$HT_BIN"
+    KUBECACHEDIR="$W/kube-cache" KUBE_VERSION="$KUBE_VERSION" HT_KUBECTL="$HT_KUBECTL" HT_HELM="$HT_HELM" HT_BIN="$HT_BIN"
 trap - EXIT
 ms=$((($(date +%s%N) - T0_NS) / 1000000))
 log "node $NODE_NAME ready in $((ms / 1000)).$(printf %03d $((ms % 1000)))s (netns $NETNS, API $APISERVER_URL, env $W/env)"

@@ -139,6 +139,10 @@ for c in "${CONTAINER_IDS[@]}"; do rm -f /var/lib/cni/results/*-"$c"-* 2>/dev/nu
 rm -f /var/lib/cni/results/"$CNI_NETWORK"-* 2>/dev/null
 existed /var/lib/cni/results || rmdir /var/lib/cni/results 2>/dev/null
 existed /var/lib/cni || rmdir /var/lib/cni 2>/dev/null
+# The kubelet's device plugin socket is hard-coded: /var/lib/kubelet/device-plugins/kubelet.sock.
+rm -f /var/lib/kubelet/device-plugins/kubelet.sock
+existed /var/lib/kubelet/device-plugins || rmdir /var/lib/kubelet/device-plugins 2>/dev/null
+existed /var/lib/kubelet || rmdir /var/lib/kubelet 2>/dev/null
 existed /run/containerd/s || rmdir /run/containerd/s 2>/dev/null
 existed /run/containerd || rmdir /run/containerd 2>/dev/null
 
@@ -161,7 +165,7 @@ fi
 # What start.sh created (the caller's own files in WORKDIR stay), then WORKDIR if empty.
 rm -rf "$W/pki" "$W/etcd" "$W/containerd" "$W/kubelet" "$W/kubelet-plugins" "$W/cni" "$W/coredns" \
     "$W/rabbitmq" "$W/sysctl" "$W/kubeconfigs" "$W/kubeconfig" "$W/kubelet.yaml" "$W/kube-proxy.yaml" \
-    "$W/resolv.conf" "$W/env" "$W/env.tmp" "$W/run" || ERRORS+=("could not remove all files in $W")
+    "$W/resolv.conf" "$W/kube-cache" "$W/env" "$W/env.tmp" "$W/run" || ERRORS+=("could not remove all files in $W")
 [ "$KEEP_LOGS" = 1 ] || rm -rf "$W/logs"
 rmdir "$W" 2>/dev/null
 
