@@ -187,6 +187,7 @@ ht_start_watchdog() {
         done
         HT_FROM_WATCHDOG=1 exec "$3" "$0"
     ' "$W" "$2" "$3" "$1" </dev/null >>"$W/logs/watchdog.log" 2>&1 &
+    disown "$!"
     local i
     for i in $(seq 1 50); do [ -s "$W/run/watchdog.pid" ] && break; sleep 0.1; done
     WATCHDOG_PID="$(cat "$W/run/watchdog.pid" 2>/dev/null || true)"

@@ -86,6 +86,7 @@ cleanup_on_failure() {
     fi
 }
 trap cleanup_on_failure EXIT
+trap 'exit 143' TERM INT HUP   # so that the EXIT trap cleans up on these too
 (
     flock 8
     if [ -s "$HT_NODE_OWNER" ]; then
@@ -110,6 +111,9 @@ HOST_VETH=$HOST_VETH
 RABBITMQ_NODENAME=$RABBITMQ_NODENAME
 EOF
 ht_node_load_vars
+# The watchdog from the start on: if the caller dies (or kills start.sh with
+# SIGKILL) half-way, it still removes the node.
+ht_start_watchdog "$HERE/stop.sh" "$WATCH_PID" "$MAX_LIFETIME"
 
 # What exists on the host before we start, so that stop.sh removes only what the node made.
 {
@@ -522,8 +526,7 @@ if [ "$WITH_RABBITMQ" = 1 ]; then
     mark rabbitmq
 fi
 
-# --- watchdog, env ---------------------------------------------------------------------------------
-ht_start_watchdog "$HERE/stop.sh" "$WATCH_PID" "$MAX_LIFETIME"
+# --- env ---------------------------------------------------------------------------------------------
 pid() { cat "$W/run/$1.pid" 2>/dev/null || true; }
 ht_write_env "Written by tests/node/start.sh; source it. Stop with: tests/node/stop.sh $W" \
     HT_WORKDIR="$W" KUBECONFIG="$W/kubeconfig" \
