@@ -242,6 +242,11 @@ pub struct SecurityConfig {
     /// (`https://app.example.com`), `https://*.example.com` patterns, or
     /// `"*"` for any. Requests without `Origin` (not browsers) are allowed.
     pub allowed_origins: Vec<String>,
+    /// Networks (CIDRs, e.g. `10.0.0.0/8`) of the proxies in front of the
+    /// gateway whose `X-Real-IP` / `X-Forwarded-For` are believed; anyone
+    /// else could write those headers, so for them the TCP peer's address
+    /// is the client's.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 /// A configuration that cannot be used. The message names the field.

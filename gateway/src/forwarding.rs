@@ -24,6 +24,9 @@ pub enum Source {
     Value(String),
     /// The TCP peer's IP address.
     PeerAddress,
+    /// The client's address: what a trusted proxy (`security.trustedProxies`)
+    /// says in `X-Real-IP` or `X-Forwarded-For`, else the TCP peer's.
+    ClientAddress,
 }
 
 /// One or several sources; the first one present wins.
@@ -90,7 +93,8 @@ pub struct ForwardingTable {
     rules: Vec<CompiledRule>,
 }
 
-/// The 3.x table: `Cookie`, `User-Agent`, `X-Real-IP` (header, else peer),
+/// The 3.x table: `Cookie`, `User-Agent`, `X-Real-IP` (the client's
+/// address: the header only from a trusted proxy, else the TCP peer),
 /// `X-CSRFToken` from the `csrftoken` cookie, `Authorization: Token <t>` from
 /// `?token=<t>`.
 pub fn default_rules() -> Vec<ForwardRule> {
@@ -102,7 +106,7 @@ pub fn default_rules() -> Vec<ForwardRule> {
     vec![
         rule("Cookie", Sources::One(Source::Header("Cookie".into())), None),
         rule("User-Agent", Sources::One(Source::Header("User-Agent".into())), None),
-        rule("X-Real-IP", Sources::Many(vec![Source::Header("X-Real-IP".into()), Source::PeerAddress]), None),
+        rule("X-Real-IP", Sources::One(Source::ClientAddress), None),
         rule("X-CSRFToken", Sources::One(Source::Cookie("csrftoken".into())), None),
         rule("Authorization", Sources::One(Source::Query("token".into())), Some("Token {}")),
     ]
@@ -133,6 +137,31 @@ pub struct ClientRequest<'a> {
     pub query: Option<&'a str>,
     /// The TCP peer address.
     pub peer: IpAddr,
+    /// The client's address ([`client_address`]).
+    pub client: IpAddr,
+}
+
+/// The client's address. A TCP peer in `trusted` is a proxy whose word is
+/// taken: its `X-Real-IP`, else the right-most `X-Forwarded-For` entry that
+/// is not itself a trusted proxy. Anyone else could write those headers
+/// themselves, so for them it is the TCP peer.
+pub fn client_address(headers: &HeaderMap, peer: IpAddr, trusted: &[ipnet::IpNet]) -> IpAddr {
+    let is_trusted = |ip: &IpAddr| trusted.iter().any(|net| net.contains(ip));
+    if !is_trusted(&peer) {
+        return peer;
+    }
+    let header_ip = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse().ok());
+    if let Some(ip) = header_ip("x-real-ip") {
+        return ip;
+    }
+    let forwarded: Vec<IpAddr> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map_while(|entry| entry.trim().parse().ok())
+        .collect();
+    forwarded.iter().rev().find(|ip| !is_trusted(ip)).or(forwarded.first()).copied().unwrap_or(peer)
 }
 
 fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
@@ -179,6 +208,7 @@ impl ForwardingTable {
                 Source::Query(name) => query(request.query, name),
                 Source::Value(v) => Some(v.clone()),
                 Source::PeerAddress => Some(request.peer.to_string()),
+                Source::ClientAddress => Some(request.client.to_string()),
             });
             let Some(value) = value else { continue };
             let value = match &rule.format {
@@ -207,7 +237,8 @@ mod tests {
     }
 
     fn run(table: &ForwardingTable, h: &HeaderMap, q: Option<&str>) -> Vec<(String, String)> {
-        let req = ClientRequest { headers: h, query: q, peer: IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3)) };
+        let peer = IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3));
+        let req = ClientRequest { headers: h, query: q, peer, client: client_address(h, peer, &[]) };
         table
             .backend_headers(&req)
             .into_iter()
@@ -238,10 +269,29 @@ mod tests {
     }
 
     #[test]
-    fn real_ip_header_wins_over_peer_and_absent_sources_are_skipped() {
+    fn an_untrusted_peer_cannot_choose_its_address_and_absent_sources_are_skipped() {
         let t = ForwardingTable::new(&[]).expect("valid");
-        let h = headers(&[("x-real-ip", "192.0.2.9")]);
-        assert_eq!(run(&t, &h, None), [("x-real-ip".to_string(), "192.0.2.9".to_string())]);
+        let h = headers(&[("x-real-ip", "192.0.2.9"), ("x-forwarded-for", "192.0.2.8")]);
+        assert_eq!(run(&t, &h, None), [("x-real-ip".to_string(), "10.1.2.3".to_string())]);
+    }
+
+    #[test]
+    fn trusted_proxies_say_who_the_client_is() {
+        let nets: Vec<ipnet::IpNet> = ["10.0.0.0/8", "fd00::/8"].iter().map(|n| n.parse().expect("net")).collect();
+        let ip = |s: &str| -> IpAddr { s.parse().expect("ip") };
+        let proxy = ip("10.1.2.3");
+        let addr = |pairs: &[(&str, &str)], peer| client_address(&headers(pairs), peer, &nets);
+        assert_eq!(addr(&[("x-real-ip", "192.0.2.9")], proxy), ip("192.0.2.9"));
+        assert_eq!(addr(&[("x-real-ip", "192.0.2.9")], ip("198.51.100.1")), ip("198.51.100.1"), "not a proxy");
+        assert_eq!(addr(&[("x-real-ip", " 2001:db8::1 ")], ip("fd00::5")), ip("2001:db8::1"));
+        // X-Forwarded-For: the right-most address that is not a proxy of ours
+        // (what is left of it was written by whoever the client is).
+        assert_eq!(addr(&[("x-forwarded-for", "6.6.6.6, 192.0.2.7, 10.9.9.9")], proxy), ip("192.0.2.7"));
+        assert_eq!(addr(&[("x-forwarded-for", "192.0.2.7"), ("x-forwarded-for", "10.0.0.1")], proxy), ip("192.0.2.7"));
+        assert_eq!(addr(&[("x-forwarded-for", "10.0.0.2, 10.0.0.1")], proxy), ip("10.0.0.2"), "all proxies");
+        assert_eq!(addr(&[("x-forwarded-for", "garbage")], proxy), proxy);
+        assert_eq!(addr(&[("x-real-ip", "not-an-ip")], proxy), proxy);
+        assert_eq!(addr(&[], proxy), proxy);
     }
 
     #[test]

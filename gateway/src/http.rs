@@ -15,7 +15,7 @@ use serde_json::json;
 use subtle::ConstantTimeEq;
 use tracing::{debug, warn};
 
-use crate::forwarding::ClientRequest;
+use crate::forwarding::{ClientRequest, client_address};
 use crate::gateway::Gateway;
 use crate::metrics::{Reason, TriggerSource};
 use crate::session;
@@ -89,8 +89,9 @@ async fn websocket(
         return refuse("max_connections", "too many connections\n");
     }
     // Only what the forwarding rules pick is kept for the session.
-    let backend_headers =
-        gateway.forwarding.backend_headers(&ClientRequest { headers: &headers, query: uri.query(), peer: peer.ip() });
+    let client = client_address(&headers, peer.ip(), &gateway.config.security.trusted_proxies);
+    let request = ClientRequest { headers: &headers, query: uri.query(), peer: peer.ip(), client };
+    let backend_headers = gateway.forwarding.backend_headers(&request);
     let max = gateway.config.limits.max_message_bytes;
     let tracker = gateway.sessions.clone();
     upgrade

@@ -101,3 +101,17 @@ async fn allowed_origins_lists_other_sites_and_star_turns_the_check_off() {
     let open = TestGateway::with_backend(&backend(), r#"security: {allowedOrigins: ["*"]}"#).await;
     assert_eq!(upgrade_status(&open, Some("https://evil.example")).await, 101);
 }
+
+/// `X-Real-IP` and `X-Forwarded-For` from a client that is not one of the
+/// `security.trustedProxies` are not believed: the backend gets the TCP
+/// peer's address, whatever the client wrote.
+#[tokio::test]
+async fn clients_cannot_choose_the_address_the_backend_sees() {
+    let backend = backend();
+    let gw = TestGateway::with_backend(&backend, "security: {trustedProxies: [10.0.0.0/8]}").await;
+    let spoofed = [("X-Real-IP", "203.0.113.7"), ("X-Forwarded-For", "203.0.113.8")];
+    let mut c = Client::connect(&gw.ws_url(Some("mallory")), &spoofed).await.expect("connects");
+    c.recv_json().await;
+    let seen = backend.seen();
+    assert_eq!(seen[0].get("x-real-ip").and_then(|v| v.to_str().ok()), Some("127.0.0.1"));
+}

@@ -55,7 +55,7 @@ async fn x_real_ip_and_extra_forwarding_rules() {
     let backend = backend();
     let gw = TestGateway::with_backend(
         &backend,
-        "backend:\n  forward:\n    - {header: X-Tenant, from: {cookie: tenant}, format: 'tenant-{}'}\n    - {header: X-Fixed, from: {value: v1}}\n    - {header: X-Lang, from: [{query: lang}, {value: en}]}\n",
+        "backend:\n  forward:\n    - {header: X-Tenant, from: {cookie: tenant}, format: 'tenant-{}'}\n    - {header: X-Fixed, from: {value: v1}}\n    - {header: X-Lang, from: [{query: lang}, {value: en}]}\nsecurity: {trustedProxies: [127.0.0.0/8]}\n",
     )
     .await;
     let mut c = Client::connect(

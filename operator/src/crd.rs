@@ -327,6 +327,13 @@ pub struct SecuritySpec {
     #[schemars(length(max = 100), inner(length(max = 255)))]
     #[x_kube(validation = Rule::new(r"self.all(o, o == '*' || o.matches('^[A-Za-z][A-Za-z0-9+.-]*://([*][.])?[^/*@?# ]+/?$'))").message("allowedOrigins entries are scheme://host[:port] (e.g. https://app.example.com, https://*.example.com) or \"*\""))]
     pub allowed_origins: Vec<String>,
+    /// Networks (CIDRs) of the proxies in front of the gateway, e.g. the
+    /// ingress controller's pods, whose `X-Real-IP` / `X-Forwarded-For` are
+    /// believed; for anyone else the TCP peer is the client.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 100), inner(length(max = 64)))]
+    #[x_kube(validation = Rule::new("self.all(c, isCIDR(c))").message("trustedProxies entries are CIDRs, e.g. 10.0.0.0/8 or fd00::/8"))]
+    pub trusted_proxies: Vec<String>,
 }
 
 /// Graceful shutdown of the gateway pods.

@@ -53,6 +53,8 @@ pub fn gateway_config(spec: &HighTemplarSpec) -> Config {
         c.broker.amqp.exchange_durable = rabbitmq.durable;
     }
     c.security.allowed_origins = spec.security.allowed_origins.clone();
+    // The CRD's CEL rule admits CIDRs only.
+    c.security.trusted_proxies = spec.security.trusted_proxies.iter().filter_map(|n| n.parse().ok()).collect();
     let limits = &spec.limits;
     c.limits.max_connections = usize::try_from(limits.max_connections).unwrap_or(usize::MAX);
     c.limits.max_subscriptions_per_connection =

@@ -108,6 +108,7 @@ fn config_map_is_a_valid_gateway_config() {
             s.limits.send_buffer_bytes = 65536;
             s.limits.max_request_id_bytes = 64;
             s.security.allowed_origins = vec!["https://*.example.com".into()];
+            s.security.trusted_proxies = vec!["10.0.0.0/8".into()];
             s.backend.forward = vec![ForwardRuleSpec {
                 header: "X-Tenant".into(),
                 from: vec![
@@ -126,6 +127,8 @@ fn config_map_is_a_valid_gateway_config() {
     assert_eq!(config.limits.send_buffer_bytes, 65536);
     assert_eq!(config.limits.max_request_id_bytes, 64);
     assert_eq!(config.security.allowed_origins, ["https://*.example.com"]);
+    let proxies: Vec<String> = config.security.trusted_proxies.iter().map(ToString::to_string).collect();
+    assert_eq!(proxies, ["10.0.0.0/8"]);
     assert_eq!(config.listen.0.port(), GATEWAY_PORT);
     assert_eq!(config.backend.forward.len(), 1);
     assert!(config.broker.amqp.url.is_none(), "the AMQP URL (a secret) is not in the ConfigMap");
