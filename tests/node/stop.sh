@@ -64,18 +64,14 @@ ht_terminate "$SIG" etcd containerd rabbitmq
 # the kubepods cgroups, and anything else in the node's netns (epmd, CNI
 # plugins, ...). By matching the socket, the cgroup and the netns only.
 pids_of_netns() {
-    local ino p
+    local ino
     ino="$(stat -L -c %i "/run/netns/$NETNS" 2>/dev/null)" || return 0
-    for p in /proc/[0-9]*; do
-        [ "$(stat -L -c %i "$p/ns/net" 2>/dev/null)" = "$ino" ] && echo "${p#/proc/}"
-    done
+    stat -L -c '%i %n' /proc/[0-9]*/ns/net 2>/dev/null | awk -v ino="$ino" '$1 == ino { split($2, p, "/"); print p[3] }'
 }
 leftovers() {
-    local p
-    for p in /proc/[0-9]*; do
-        if tr '\0' ' ' 2>/dev/null <"$p/cmdline" | grep -q "^[^ ]*containerd-shim.* -address $CONTAINERD_SOCK "; then
-            echo "${p#/proc/}"
-        fi
+    # One grep over all command lines (NUL-separated arguments).
+    grep -lzF -- "$CONTAINERD_SOCK" /proc/[0-9]*/cmdline 2>/dev/null | while IFS= read -r f; do
+        tr '\0' ' ' 2>/dev/null <"$f" | grep -q "^[^ ]*containerd-shim.* -address $CONTAINERD_SOCK " && { f="${f#/proc/}"; echo "${f%/cmdline}"; }
     done
     find /sys/fs/cgroup/*/kubepods /sys/fs/cgroup/kubepods -name cgroup.procs -exec cat {} + 2>/dev/null
     [ -n "$NETNS" ] && pids_of_netns
