@@ -32,7 +32,8 @@ pub struct Gateway {
     pub origins: OriginPolicy,
     /// Process metrics.
     pub metrics: Arc<Metrics>,
-    /// Set on SIGTERM: readiness 503, new websockets refused.
+    /// Set on SIGTERM: readiness 503 (new websockets are still served
+    /// until `close_sessions`).
     pub draining: AtomicBool,
     /// Cancelled when open sessions must close (1001), each after a random
     /// part of the close window.

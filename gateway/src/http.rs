@@ -82,7 +82,10 @@ async fn websocket(
     if !gateway.origins.allows(origin, header_text(header::HOST)) {
         return refuse_with(StatusCode::FORBIDDEN, "origin", "origin not allowed\n");
     }
-    if gateway.is_draining() {
+    // Not while draining: endpoints and load balancers go on sending new
+    // clients for a moment after readiness fails, and those must connect.
+    // Once sessions are being closed, the listener is closing too.
+    if gateway.close_sessions.is_cancelled() {
         return refuse("draining", "shutting down\n");
     }
     if gateway.metrics.connections_open.get() >= gateway.config.limits.max_connections as i64 {

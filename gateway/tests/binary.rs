@@ -106,13 +106,21 @@ async fn sigterm_drains_closes_with_1001_and_exits_0() {
     // Readiness turns 503 at once, while the socket is still open.
     common::eventually("readyz 503", || async { http_get(&format!("{base}/readyz")).await.0 == 503 }).await;
     assert!(signalled.elapsed() < Duration::from_secs(1), "readiness must fail before the drain delay ends");
-    // New websockets are refused while draining.
-    let refused = Client::connect(&format!("ws://127.0.0.1:{port}/ws/?token=bob"), &[]).await;
-    assert!(refused.is_err(), "a new websocket during drain must be refused");
+    // New websockets are still served during the drain delay: endpoints
+    // and load balancers go on sending clients for a moment after readiness
+    // fails. They are closed with the others.
+    let mut late = Client::connect(&format!("ws://127.0.0.1:{port}/ws/?token=bob"), &[])
+        .await
+        .expect("a new websocket during the drain delay is served");
+    assert_eq!(late.recv_json().await["is_authorized"], json!(true));
 
     let (_, ended) = c.until_end().await;
     assert_eq!(ended, Ended::Close(1001));
     assert!(signalled.elapsed() >= Duration::from_millis(900), "sessions close after the drain delay");
+    assert_eq!(late.until_end().await.1, Ended::Close(1001));
+    // After the drain delay nothing is accepted any more.
+    let refused = Client::connect(&format!("ws://127.0.0.1:{port}/ws/?token=bob"), &[]).await;
+    assert!(refused.is_err(), "a new websocket after the drain delay must be refused");
 
     let exit = tokio::time::timeout(common::WAIT, child.wait()).await.expect("exits in time").expect("wait");
     assert_eq!(exit.code(), Some(0));

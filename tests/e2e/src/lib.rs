@@ -1,8 +1,14 @@
 //! Harness of the cross-crate tests (`tests/e2e/tests/`): the test control
 //! plane (`HT_TEST_KUBECONFIG`, started by `tests/run`), helm (`HT_HELM`),
-//! the built gateway and operator binaries, namespaces, and waiting.
+//! the built gateway and operator binaries, namespaces, and waiting; and for
+//! the node tier (`tests/e2e/tests/node.rs`) the real node ([`node`]), a
+//! backend the pods reach ([`backend`]) and 3.x clients and publishers ([`ws`]).
 
 #![forbid(unsafe_code)]
+
+pub mod backend;
+pub mod node;
+pub mod ws;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -72,12 +78,21 @@ pub fn repo_root() -> PathBuf {
 }
 
 /// Polls `f` until it returns `Some`, or fails the test after [`WAIT`].
-pub async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
+pub async fn eventually<T, F, Fut>(what: &str, f: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
 {
-    let deadline = tokio::time::Instant::now() + WAIT;
+    eventually_within(what, WAIT, f).await
+}
+
+/// Polls `f` until it returns `Some`, or fails the test after `limit`.
+pub async fn eventually_within<T, F, Fut>(what: &str, limit: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
     loop {
         if let Some(v) = f().await {
             return v;

@@ -267,6 +267,18 @@ async fn invalid_resources_are_rejected_by_the_apiserver() {
             json!({"replicas": 1, "backend": {"url": "http://api/", "forward": [{"header": "Host", "from": [{"value": "x"}]}]}}),
             "the Host header is never forwarded",
         ),
+        (
+            json!({"replicas": 1, "backend": {"url": "http://api/"}, "security": {"allowedOrigins": ["https://a.*.com"]}}),
+            "allowedOrigins entries are scheme://host[:port]",
+        ),
+        (
+            json!({"replicas": 1, "backend": {"url": "http://api/"}, "security": {"allowedOrigins": ["example.com"]}}),
+            "allowedOrigins entries are scheme://host[:port]",
+        ),
+        (
+            json!({"replicas": 1, "backend": {"url": "http://api/"}, "security": {"trustedProxies": ["10.0.0.0/33"]}}),
+            "trustedProxies entries are CIDRs",
+        ),
     ];
     for (i, (spec, message)) in cases.into_iter().enumerate() {
         match env.apply(&format!("bad{i}"), spec.clone()).await {
@@ -356,33 +368,6 @@ async fn deletion_policies() {
     let conn = lapin::Connection::connect(AMQP_URL, lapin::ConnectionProperties::default()).await.expect("amqp");
     let channel = conn.create_channel().await.expect("channel");
     let _ = channel.exchange_delete(retained.as_str().into(), Default::default()).await;
-    env.finish().await;
-}
-
-/// There is no kubelet: the test plays it, marking the gateway pod Ready as a
-/// kubelet would once `/readyz` answers. The Deployment then reports a ready
-/// replica and the HighTemplar turns Ready.
-#[tokio::test]
-async fn ready_once_a_gateway_pod_is_ready() {
-    let env = Env::new("ready").await;
-    env.apply("solo", json!({"replicas": 1, "backend": {"url": "http://api.example.svc/api/"}})).await.expect("valid");
-    let pods = env.api::<k8s_openapi::api::core::v1::Pod>();
-    let pod = eventually("a gateway pod (created by the ReplicaSet controller)", || async {
-        pods.list(&ListParams::default().labels("app.kubernetes.io/instance=solo")).await.ok()?.items.into_iter().next()
-    })
-    .await;
-    let status = json!({"status": {"phase": "Running", "conditions": [
-        {"type": "Ready", "status": "True"}, {"type": "ContainersReady", "status": "True"}]}});
-    pods.patch_status(&pod.name_any(), &PatchParams::default(), &Patch::Merge(&status))
-        .await
-        .expect("mark the pod ready");
-    let status = env
-        .status_where("solo", "Ready True", |s| s.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-        .await;
-    assert_eq!(condition(&status, "Available"), ("True", "ReplicasReady"));
-    assert_eq!(condition(&status, "BrokerReady"), ("True", "EmbeddedBroker"));
-    assert_eq!(status.replica_summary.as_deref(), Some("1/1"));
-    assert_eq!(status.ready_replicas, 1);
     env.finish().await;
 }
 
