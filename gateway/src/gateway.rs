@@ -30,6 +30,8 @@ pub struct Gateway {
     pub forwarding: ForwardingTable,
     /// Which browser origins may connect.
     pub origins: OriginPolicy,
+    /// Websockets accepted at most ([`connection_limit`]).
+    pub connection_limit: usize,
     /// Process metrics.
     pub metrics: Arc<Metrics>,
     /// Set on SIGTERM: readiness 503 (new websockets are still served
@@ -42,9 +44,35 @@ pub struct Gateway {
     pub sessions: TaskTracker,
 }
 
+/// Websockets a process may hold: `max_connections`, or fewer when the
+/// open-file limit `nofile` would run out first. Each websocket is one file
+/// descriptor; a reserve (a quarter of the limit, at most 1 024) is kept for
+/// upgrades in progress, backend and broker connections and the listener, so
+/// new clients get a clean 503 instead of failed accepts, and a full process
+/// can still answer `/readyz` and `/metrics`.
+pub fn connection_limit(max_connections: usize, nofile: u64) -> usize {
+    let reserve = (nofile / 4).min(1024);
+    let fits = usize::try_from(nofile.saturating_sub(reserve)).unwrap_or(usize::MAX);
+    max_connections.min(fits)
+}
+
 impl Gateway {
     /// Whether shutdown has begun.
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::connection_limit;
+
+    #[test]
+    fn the_open_file_limit_caps_connections_with_a_reserve() {
+        assert_eq!(connection_limit(50_000, 1_048_576), 50_000);
+        assert_eq!(connection_limit(50_000, 20_000), 18_976);
+        assert_eq!(connection_limit(50_000, 1_024), 768);
+        assert_eq!(connection_limit(100, 1_024), 100);
+        assert_eq!(connection_limit(10, 0), 0);
     }
 }

@@ -88,7 +88,7 @@ async fn websocket(
     if gateway.close_sessions.is_cancelled() {
         return refuse("draining", "shutting down\n");
     }
-    if gateway.metrics.connections_open.get() >= gateway.config.limits.max_connections as i64 {
+    if gateway.metrics.connections_open.get() >= i64::try_from(gateway.connection_limit).unwrap_or(i64::MAX) {
         return refuse("max_connections", "too many connections\n");
     }
     // Only what the forwarding rules pick is kept for the session.

@@ -37,6 +37,9 @@ pub struct Metrics {
     pub connections_open: Gauge,
     /// Websocket connections accepted since start.
     pub connections: Counter,
+    /// Websockets this process accepts at most: `limits.maxConnections`,
+    /// or less when the open-file limit leaves room for fewer.
+    pub connections_limit: Gauge,
     /// Connections refused before the upgrade, by reason.
     pub connections_refused: Family<Reason, Counter>,
     /// Bootstrap outcomes (`authorized`, `denied`, `invalid_body`, `unavailable`).
@@ -78,6 +81,7 @@ impl Metrics {
         let m = Metrics {
             connections_open: Gauge::default(),
             connections: Counter::default(),
+            connections_limit: Gauge::default(),
             connections_refused: Family::default(),
             auth: Family::default(),
             subscriptions_active: Gauge::default(),
@@ -98,6 +102,11 @@ impl Metrics {
         let r = &mut registry;
         r.register("connections_open", "Websocket connections open now", m.connections_open.clone());
         r.register("connections", "Websocket connections accepted", m.connections.clone());
+        r.register(
+            "connections_limit",
+            "Websockets accepted at most (limits.maxConnections, lowered to fit the open-file limit)",
+            m.connections_limit.clone(),
+        );
         r.register(
             "connections_refused",
             "Upgrade requests refused before the websocket opened",

@@ -69,6 +69,18 @@ impl Server {
             .map_err(|e| ConfigError::Invalid { field: "backend.forward", message: e.to_string() })?;
         let origins = crate::origin::OriginPolicy::new(&config.security.allowed_origins)
             .map_err(|e| ConfigError::Invalid { field: "security.allowedOrigins", message: e.to_string() })?;
+        let nofile = rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(u64::MAX, |(soft, _)| soft);
+        let connection_limit = crate::gateway::connection_limit(config.limits.max_connections, nofile);
+        if connection_limit < config.limits.max_connections {
+            warn!(
+                max_connections = config.limits.max_connections,
+                open_file_limit = nofile,
+                accepted_at_most = connection_limit,
+                "limits.maxConnections does not fit the open-file limit: raise the limit (the container runtime's \
+                 LimitNOFILE) or lower limits.maxConnections"
+            );
+        }
+        metrics.connections_limit.set(i64::try_from(connection_limit).unwrap_or(i64::MAX));
         let addr = config.listen.0;
         let listener = TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })?;
         let gateway = Arc::new(Gateway {
@@ -78,6 +90,7 @@ impl Server {
             backend,
             forwarding,
             origins,
+            connection_limit,
             metrics,
             draining: Default::default(),
             close_sessions: CancellationToken::new(),
