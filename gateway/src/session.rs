@@ -42,6 +42,10 @@ pub const CLOSE_TOO_BIG: u16 = 1009;
 pub const CLOSE_GOING_AWAY: u16 = 1001;
 /// Close code for the idle timeout.
 pub const CLOSE_NORMAL: u16 = 1000;
+/// Close code for a frame that breaks RFC 6455 (unmasked, bad opcode, …).
+pub const CLOSE_PROTOCOL_ERROR: u16 = 1002;
+/// Close code for a text message that is not UTF-8 (RFC 6455 §8.1).
+pub const CLOSE_INVALID_PAYLOAD: u16 = 1007;
 
 /// Publish frames written per flush at most, so a busy queue cannot starve
 /// reading the client; also the most pipelined client frames answered per
@@ -59,6 +63,10 @@ enum Stop {
     SlowConsumer,
     /// A client message over the size limit.
     TooBig,
+    /// A frame that breaks the websocket protocol.
+    ProtocolError,
+    /// A text message that is not UTF-8.
+    InvalidUtf8,
     /// The process is shutting down.
     Shutdown,
 }
@@ -71,6 +79,8 @@ impl Stop {
             Stop::Idle => Some((CLOSE_NORMAL, "idle timeout")),
             Stop::SlowConsumer => Some((CLOSE_TRY_AGAIN_LATER, "slow consumer")),
             Stop::TooBig => Some((CLOSE_TOO_BIG, "message too big")),
+            Stop::ProtocolError => Some((CLOSE_PROTOCOL_ERROR, "protocol error")),
+            Stop::InvalidUtf8 => Some((CLOSE_INVALID_PAYLOAD, "text is not UTF-8")),
             Stop::Shutdown => Some((CLOSE_GOING_AWAY, "server shutting down")),
         }
     }
@@ -82,6 +92,8 @@ impl Stop {
             Stop::Idle => "idle",
             Stop::SlowConsumer => "slow_consumer",
             Stop::TooBig => "message_too_big",
+            Stop::ProtocolError => "protocol_error",
+            Stop::InvalidUtf8 => "invalid_utf8",
             Stop::Shutdown => "shutdown",
         }
     }
@@ -278,8 +290,8 @@ impl Incoming {
     fn read(frame: Option<Result<Message, axum::Error>>) -> Result<Incoming, Stop> {
         match frame {
             None => Err(Stop::ClientGone),
-            Some(Err(e)) if is_too_big(&e) => Err(Stop::TooBig),
-            Some(Err(_)) | Some(Ok(Message::Close(_))) => Err(Stop::ClientGone),
+            Some(Err(e)) => Err(read_error(&e)),
+            Some(Ok(Message::Close(_))) => Err(Stop::ClientGone),
             Some(Ok(Message::Text(t))) => Ok(Incoming::Text(t)),
             Some(Ok(Message::Binary(b))) => Ok(Incoming::Text(Utf8Bytes::try_from(b).unwrap_or_default())),
             Some(Ok(Message::Ping(_))) => Ok(Incoming::Ping),
@@ -325,16 +337,22 @@ async fn answer_frames(
     Ok(active)
 }
 
-fn is_too_big(e: &axum::Error) -> bool {
-    // axum wraps the tungstenite error; a size limit is `Capacity`.
+/// Why reading failed: a size limit (`Capacity`), a protocol violation, a
+/// text frame that is not UTF-8 (each answered with its close code, RFC
+/// 6455 §7.1.7), or the connection itself (nothing to answer).
+fn read_error(e: &axum::Error) -> Stop {
+    // axum wraps the tungstenite error.
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = source {
-        if let Some(tungstenite::Error::Capacity(_)) = err.downcast_ref::<tungstenite::Error>() {
-            return true;
+        match err.downcast_ref::<tungstenite::Error>() {
+            Some(tungstenite::Error::Capacity(_)) => return Stop::TooBig,
+            Some(tungstenite::Error::Protocol(_)) => return Stop::ProtocolError,
+            Some(tungstenite::Error::Utf8(_)) => return Stop::InvalidUtf8,
+            Some(_) => return Stop::ClientGone,
+            None => source = err.source(),
         }
-        source = err.source();
     }
-    false
+    Stop::ClientGone
 }
 
 /// Drives one websocket from bootstrap to close.
