@@ -150,11 +150,13 @@ pub struct TriggerConfig {
     pub token: Option<Secret>,
     /// Largest accepted body.
     pub max_body_bytes: usize,
+    /// Time to receive the whole body; a slower one is answered 408.
+    pub body_timeout_seconds: f64,
 }
 
 impl Default for TriggerConfig {
     fn default() -> Self {
-        TriggerConfig { token: None, max_body_bytes: 1 << 20 }
+        TriggerConfig { token: None, max_body_bytes: 1 << 20, body_timeout_seconds: 10.0 }
     }
 }
 
@@ -356,6 +358,9 @@ impl Config {
             return Err(invalid("limits.maxRequestIdBytes", "must be at least 2"));
         }
         at_least_one("trigger.maxBodyBytes", self.trigger.max_body_bytes)?;
+        if !(self.trigger.body_timeout_seconds > 0.0 && self.trigger.body_timeout_seconds <= 3600.0) {
+            return Err(invalid("trigger.bodyTimeoutSeconds", "must be more than 0 and at most 3600"));
+        }
         crate::origin::OriginPolicy::new(&self.security.allowed_origins)
             .map_err(|e| invalid("security.allowedOrigins", &e.to_string()))?;
         if self.limits.max_message_bytes < 16 {

@@ -140,7 +140,12 @@ async fn trigger(State(gateway): State<Arc<Gateway>>, headers: HeaderMap, body: 
         return response;
     }
     let limit = gateway.config.trigger.max_body_bytes;
-    let bytes = match axum::body::to_bytes(body, limit).await {
+    let deadline = crate::config::seconds(gateway.config.trigger.body_timeout_seconds);
+    let Ok(read) = tokio::time::timeout(deadline, axum::body::to_bytes(body, limit)).await else {
+        reject("body_timeout");
+        return json_error(StatusCode::REQUEST_TIMEOUT, "the request body did not arrive in time");
+    };
+    let bytes = match read {
         Ok(bytes) => bytes,
         Err(e) => {
             let too_big = std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>());

@@ -399,8 +399,18 @@ async fn serve(
         }
     };
     info!(peer = %peer, allowed_rooms = allowed.len(), "connection authorized");
-    if socket.send(Message::Text(protocol::authorized(&allowed).into())).await.is_err() {
-        return;
+    // The first frame can be large (every allowed room): a client that
+    // does not read it must not hold the connection past the idle timeout.
+    // Boxed: it would otherwise size every connection's task.
+    let first = Message::Text(protocol::authorized(&allowed).into());
+    match Box::pin(tokio::time::timeout(idle_timeout, socket.send(first))).await {
+        Ok(Ok(())) => {}
+        Ok(Err(_)) => return,
+        Err(_) => {
+            gateway.metrics.disconnects.get_or_create(&Reason { reason: Stop::SlowConsumer.label() }).inc();
+            info!(peer = %peer, reason = Stop::SlowConsumer.label(), "connection closed: the first frame was not read");
+            return;
+        }
     }
 
     let queue = Arc::new(OutboundQueue::new(limits.outbound_queue));

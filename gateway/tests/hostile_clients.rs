@@ -219,3 +219,56 @@ async fn protocol_violations_get_their_close_codes() {
     raw.0.write_all(&masked(0x81, b"ping")).await.expect("send");
     assert_eq!(raw.frame().await, Some((1, b"pong".to_vec())));
 }
+
+/// A client that never reads its (large) first frame is closed after the
+/// idle timeout instead of holding its connection for ever.
+#[tokio::test]
+async fn a_client_that_never_reads_the_first_frame_is_dropped() {
+    let rooms: Vec<serde_json::Value> = (0..20_000).map(|i| json!({"user": i, "team": "a-long-team-name"})).collect();
+    let backend = TestBackend::new().answer("hoarder", Answer::rooms(json!(rooms)));
+    // Small kernel buffers on both ends, so the frame cannot be absorbed by them.
+    let gw = TestGateway::with_backend(&backend, "limits: {idleTimeoutSeconds: 2, sendBufferBytes: 4096}").await;
+    use tokio::io::AsyncWriteExt;
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("small receive buffer");
+    let mut s = socket.connect(gw.addr).await.expect("connect");
+    let request = format!(
+        "GET /ws/?token=hoarder HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        gw.addr
+    );
+    s.write_all(request.as_bytes()).await.expect("upgrade request");
+    common::eventually("the connection counted open", || async {
+        gw.metric("hightemplar_connections_open").await == 1.0
+    })
+    .await;
+    // Never read; the gateway gives up after the idle timeout.
+    common::eventually("the stalled connection closed", || async {
+        gw.metric("hightemplar_connections_open").await == 0.0
+    })
+    .await;
+    let metrics = common::http_get(&gw.http_url("/metrics")).await.1;
+    assert_eq!(gw.metric(r#"hightemplar_disconnects_total{reason="slow_consumer"}"#).await, 1.0, "{metrics}");
+    drop(s);
+}
+
+/// A `POST /trigger` whose body stalls is answered 408 after
+/// `trigger.bodyTimeoutSeconds`.
+#[tokio::test]
+async fn a_stalled_trigger_body_is_answered_408() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let gw = TestGateway::with_backend(&backend(), "trigger: {bodyTimeoutSeconds: 1}").await;
+    let mut s = tokio::net::TcpStream::connect(gw.addr).await.expect("connect");
+    let head = format!(
+        "POST /trigger HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer test-token\r\nContent-Type: application/json\r\n\
+         Content-Length: 100\r\n\r\n{{\"rooms\":",
+        gw.addr
+    );
+    s.write_all(head.as_bytes()).await.expect("send the head and part of the body");
+    let started = std::time::Instant::now();
+    let mut answer = String::new();
+    tokio::time::timeout(common::WAIT, s.read_to_string(&mut answer)).await.expect("answered").expect("read");
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(started.elapsed() >= std::time::Duration::from_millis(900), "answered before the deadline");
+    assert_eq!(gw.metric(r#"hightemplar_triggers_rejected_total{reason="body_timeout"}"#).await, 1.0);
+}
