@@ -152,11 +152,20 @@ pub struct TriggerConfig {
     pub max_body_bytes: usize,
     /// Time to receive the whole body; a slower one is answered 408.
     pub body_timeout_seconds: f64,
+    /// Most rooms in one trigger (HTTP and AMQP); more is refused.
+    pub max_rooms: usize,
+}
+
+impl TriggerConfig {
+    /// The bounds on one trigger body, for both sources.
+    pub fn limits(&self) -> crate::trigger::TriggerLimits {
+        crate::trigger::TriggerLimits { max_body_bytes: self.max_body_bytes, max_rooms: self.max_rooms }
+    }
 }
 
 impl Default for TriggerConfig {
     fn default() -> Self {
-        TriggerConfig { token: None, max_body_bytes: 1 << 20, body_timeout_seconds: 10.0 }
+        TriggerConfig { token: None, max_body_bytes: 1 << 20, body_timeout_seconds: 10.0, max_rooms: 10_000 }
     }
 }
 
@@ -358,6 +367,7 @@ impl Config {
             return Err(invalid("limits.maxRequestIdBytes", "must be at least 2"));
         }
         at_least_one("trigger.maxBodyBytes", self.trigger.max_body_bytes)?;
+        at_least_one("trigger.maxRooms", self.trigger.max_rooms)?;
         if !(self.trigger.body_timeout_seconds > 0.0 && self.trigger.body_timeout_seconds <= 3600.0) {
             return Err(invalid("trigger.bodyTimeoutSeconds", "must be more than 0 and at most 3600"));
         }

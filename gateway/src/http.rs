@@ -157,7 +157,7 @@ async fn trigger(State(gateway): State<Arc<Gateway>>, headers: HeaderMap, body: 
             return json_error(StatusCode::BAD_REQUEST, "could not read the request body");
         }
     };
-    let trigger = match Trigger::parse(&bytes) {
+    let trigger = match Trigger::parse(&bytes, gateway.config.trigger.max_rooms) {
         Ok(t) => t,
         Err(e) => {
             reject(e.reason());

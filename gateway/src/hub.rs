@@ -185,7 +185,7 @@ mod tests {
         let session = Arc::new(OutboundQueue::new(8));
         hub.subscribe(&session, &room(json!({"u": "*"})), &rid("a"));
         hub.subscribe(&session, &room(json!({"u": 1})), &rid("b"));
-        let t = Trigger::parse(br#"{"rooms":[{"u":1},{"u":2},{"u":"*"}],"data":7}"#).expect("trigger");
+        let t = Trigger::parse(br#"{"rooms":[{"u":1},{"u":2},{"u":"*"}],"data":7}"#, 100).expect("trigger");
         assert_eq!(hub.fan_out(&t), FanOut { delivered: 2, dropped: 0 });
         let mut got: Vec<_> = std::iter::from_fn(|| session.pop()).map(|d| frame(&d)).collect();
         got.sort_by_key(|v| v["requestId"].to_string());
@@ -205,7 +205,7 @@ mod tests {
         let fast = Arc::new(OutboundQueue::new(8));
         hub.subscribe(&slow, &room(json!({"r": 1})), &rid("s"));
         hub.subscribe(&fast, &room(json!({"r": 1})), &rid("f"));
-        let t = Trigger::parse(br#"{"rooms":[{"r":1}]}"#).expect("trigger");
+        let t = Trigger::parse(br#"{"rooms":[{"r":1}]}"#, 100).expect("trigger");
         assert_eq!(hub.fan_out(&t), FanOut { delivered: 2, dropped: 0 });
         assert!(!slow.is_overflowed());
         assert_eq!(hub.fan_out(&t), FanOut { delivered: 1, dropped: 1 });
@@ -224,7 +224,7 @@ mod tests {
         assert_eq!(metrics.subscriptions_active.get(), 1);
         hub.unsubscribe([(&r, id)]);
         assert_eq!((metrics.subscriptions_active.get(), metrics.rooms_active.get()), (0, 0));
-        let t = Trigger::parse(br#"{"rooms":[{"r":1}]}"#).expect("trigger");
+        let t = Trigger::parse(br#"{"rooms":[{"r":1}]}"#, 100).expect("trigger");
         assert_eq!(hub.fan_out(&t).delivered, 0);
         assert!(s.pop().is_none());
         assert_eq!(hub.status().num_rooms, 0);

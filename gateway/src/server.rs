@@ -62,7 +62,12 @@ impl Server {
         let hub = Arc::new(Hub::new(metrics.clone()));
         let broker: Arc<dyn Broker> = match config.broker.kind {
             BrokerKind::Memory => Arc::new(MemoryBroker::new(hub.clone())),
-            BrokerKind::Amqp => Arc::new(AmqpBroker::start(config.broker.amqp.clone(), hub.clone(), metrics.clone())?),
+            BrokerKind::Amqp => Arc::new(AmqpBroker::start(
+                config.broker.amqp.clone(),
+                config.trigger.limits(),
+                hub.clone(),
+                metrics.clone(),
+            )?),
         };
         let backend = BootstrapClient::new(&config.backend, metrics.clone())?;
         let forwarding = ForwardingTable::new(&config.backend.forward)

@@ -19,6 +19,15 @@ pub struct Trigger {
     pub data: Box<RawValue>,
 }
 
+/// Bounds on one trigger body, the same for `POST /trigger` and AMQP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TriggerLimits {
+    /// Largest body, bytes (`trigger.maxBodyBytes`).
+    pub max_body_bytes: usize,
+    /// Most rooms (`trigger.maxRooms`).
+    pub max_rooms: usize,
+}
+
 /// Why a body is not a trigger. Messages never quote the body, so they are
 /// safe to log (DESIGN.md: AMQP bodies are logged without contents).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -29,6 +38,12 @@ pub enum InvalidTrigger {
     /// `rooms` missing or not a list.
     #[error("`rooms` must be a list of rooms")]
     NoRooms,
+    /// Larger than `trigger.maxBodyBytes`.
+    #[error("a trigger body is at most {0} bytes")]
+    TooLarge(usize),
+    /// More rooms than `trigger.maxRooms`.
+    #[error("a trigger has at most {0} rooms")]
+    TooManyRooms(usize),
     /// One room is not an object of scalars.
     #[error("rooms[{index}]: {reason}")]
     BadRoom {
@@ -45,6 +60,8 @@ impl InvalidTrigger {
         match self {
             InvalidTrigger::NotJson(_) => "not_json",
             InvalidTrigger::NoRooms => "no_rooms",
+            InvalidTrigger::TooManyRooms(_) => "too_many_rooms",
+            InvalidTrigger::TooLarge(_) => "too_large",
             InvalidTrigger::BadRoom { .. } => "invalid_room",
         }
     }
@@ -52,14 +69,60 @@ impl InvalidTrigger {
 
 #[derive(Deserialize)]
 struct Body<'a> {
-    rooms: Option<Value>,
+    #[serde(borrow)]
+    rooms: Option<&'a RawValue>,
     #[serde(borrow)]
     data: Option<&'a RawValue>,
 }
 
+/// The `rooms` list, read one room at a time and abandoned at the first
+/// bad room or past `max` rooms, so what a body costs to parse is bounded by
+/// the limit, not by how many rooms a publisher wrote.
+struct RoomList {
+    /// The most rooms accepted.
+    max: usize,
+    /// Why reading stopped early, when it did.
+    stopped: std::cell::Cell<Option<InvalidTrigger>>,
+}
+
+impl<'de> serde::de::Visitor<'de> for &RoomList {
+    type Value = Vec<Room>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a list of rooms")
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<Room>, A::Error> {
+        let mut rooms = Vec::new();
+        while let Some(value) = seq.next_element::<Value>()? {
+            let index = rooms.len();
+            if index == self.max {
+                self.stopped.set(Some(InvalidTrigger::TooManyRooms(self.max)));
+                return Err(serde::de::Error::custom("too many rooms"));
+            }
+            match Room::from_json(&value) {
+                Ok(room) => rooms.push(room),
+                Err(reason) => {
+                    self.stopped.set(Some(InvalidTrigger::BadRoom { index, reason }));
+                    return Err(serde::de::Error::custom("bad room"));
+                }
+            }
+        }
+        Ok(rooms)
+    }
+}
+
 impl Trigger {
-    /// Parses a trigger body.
-    pub fn parse(body: &[u8]) -> Result<Trigger, InvalidTrigger> {
+    /// Parses a trigger body within `limits`.
+    pub fn parse_within(body: &[u8], limits: TriggerLimits) -> Result<Trigger, InvalidTrigger> {
+        if body.len() > limits.max_body_bytes {
+            return Err(InvalidTrigger::TooLarge(limits.max_body_bytes));
+        }
+        Trigger::parse(body, limits.max_rooms)
+    }
+
+    /// Parses a trigger body of at most `max_rooms` rooms.
+    pub fn parse(body: &[u8], max_rooms: usize) -> Result<Trigger, InvalidTrigger> {
         // serde would also read a struct from a JSON array; a trigger is an object.
         if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
             return Err(InvalidTrigger::NotJson("expected a JSON object".into()));
@@ -68,14 +131,15 @@ impl Trigger {
             // Only the category and position: serde's message may quote the body.
             InvalidTrigger::NotJson(format!("{:?} error at line {} column {}", e.classify(), e.line(), e.column()))
         })?;
-        let Some(Value::Array(rooms)) = parsed.rooms else {
+        let Some(raw_rooms) = parsed.rooms.filter(|r| r.get().starts_with('[')) else {
             return Err(InvalidTrigger::NoRooms);
         };
-        let rooms = rooms
-            .iter()
-            .enumerate()
-            .map(|(index, r)| Room::from_json(r).map_err(|reason| InvalidTrigger::BadRoom { index, reason }))
-            .collect::<Result<Vec<_>, _>>()?;
+        let list = RoomList { max: max_rooms, stopped: std::cell::Cell::new(None) };
+        let mut de = serde_json::Deserializer::from_str(raw_rooms.get());
+        let rooms = serde::Deserializer::deserialize_seq(&mut de, &list).map_err(|_| {
+            // The raw text was valid JSON already: only the visitor stops.
+            list.stopped.take().unwrap_or(InvalidTrigger::NoRooms)
+        })?;
         let data = match parsed.data {
             Some(raw) => raw.to_owned(),
             None => RawValue::from_string("null".into()).map_err(|e| InvalidTrigger::NotJson(e.to_string()))?,
@@ -94,33 +158,55 @@ impl Trigger {
 mod tests {
     use super::*;
 
+    impl Trigger {
+        fn parse_(body: &[u8]) -> Result<Trigger, InvalidTrigger> {
+            Trigger::parse(body, 1000)
+        }
+    }
+
+    #[test]
+    fn rooms_past_the_limit_are_refused_before_they_are_read() {
+        let body = |n: usize| {
+            let rooms: Vec<String> = (0..n).map(|i| format!(r#"{{"u":{i}}}"#)).collect();
+            format!(r#"{{"rooms":[{}],"data":1}}"#, rooms.join(","))
+        };
+        assert_eq!(Trigger::parse(body(3).as_bytes(), 3).expect("at the limit").rooms.len(), 3);
+        let e = Trigger::parse(body(4).as_bytes(), 3).expect_err("over the limit");
+        assert_eq!(e, InvalidTrigger::TooManyRooms(3));
+        assert_eq!(e.reason(), "too_many_rooms");
+        // The limit is checked as the list is read: an invalid tail past it
+        // is never looked at (only JSON syntax, checked once for the body).
+        let e = Trigger::parse(br#"{"rooms":[{"u":1},{"u":2},{"u":{"x":1}}]}"#, 2).expect_err("over");
+        assert_eq!(e, InvalidTrigger::TooManyRooms(2));
+    }
+
     #[test]
     fn parses_3x_body() {
-        let t =
-            Trigger::parse(br#"{"rooms":[{"target":"message","user":5}],"data":{"id":1, "x": [1,2]}}"#).expect("valid");
+        let t = Trigger::parse_(br#"{"rooms":[{"target":"message","user":5}],"data":{"id":1, "x": [1,2]}}"#)
+            .expect("valid");
         assert_eq!(t.rooms, vec![Room::from_json(&json!({"user": 5, "target": "message"})).expect("room")]);
         assert_eq!(t.data.get(), r#"{"id":1, "x": [1,2]}"#, "data is kept verbatim");
     }
 
     #[test]
     fn missing_data_is_null() {
-        let t = Trigger::parse(br#"{"rooms":[]}"#).expect("valid");
+        let t = Trigger::parse_(br#"{"rooms":[]}"#).expect("valid");
         assert_eq!(t.data.get(), "null");
         assert!(t.rooms.is_empty());
     }
 
     #[test]
     fn rejects_bad_bodies_without_quoting_them() {
-        let e = Trigger::parse(b"secret-token-xyz").expect_err("not json");
+        let e = Trigger::parse_(b"secret-token-xyz").expect_err("not json");
         assert!(matches!(e, InvalidTrigger::NotJson(_)));
         assert!(!e.to_string().contains("secret"), "{e}");
-        let e = Trigger::parse(br#"{"rooms":"secret"}"#).expect_err("rooms not a list");
+        let e = Trigger::parse_(br#"{"rooms":"secret"}"#).expect_err("rooms not a list");
         assert_eq!(e, InvalidTrigger::NoRooms);
-        let e = Trigger::parse(br#"[1]"#).expect_err("not an object");
+        let e = Trigger::parse_(br#"[1]"#).expect_err("not an object");
         assert_eq!(e.reason(), "not_json");
-        let e = Trigger::parse(br#"{"data":1}"#).expect_err("no rooms");
+        let e = Trigger::parse_(br#"{"data":1}"#).expect_err("no rooms");
         assert_eq!(e, InvalidTrigger::NoRooms);
-        let e = Trigger::parse(br#"{"rooms":[{"a":1},{"a":{"secret":1}}]}"#).expect_err("bad room");
+        let e = Trigger::parse_(br#"{"rooms":[{"a":1},{"a":{"secret":1}}]}"#).expect_err("bad room");
         assert_eq!(
             e.to_string(),
             r#"rooms[1]: room key "a" has a value that is not a string, number, boolean or null"#
@@ -129,8 +215,8 @@ mod tests {
 
     #[test]
     fn body_round_trips() {
-        let t = Trigger::parse(br#"{"rooms":[{"a":"*"}],"data":[1,"two"]}"#).expect("valid");
-        let again = Trigger::parse(&t.to_body()).expect("valid");
+        let t = Trigger::parse_(br#"{"rooms":[{"a":"*"}],"data":[1,"two"]}"#).expect("valid");
+        let again = Trigger::parse_(&t.to_body()).expect("valid");
         assert_eq!(again.rooms, t.rooms);
         assert_eq!(again.data.get(), t.data.get());
     }

@@ -33,7 +33,7 @@ use crate::config::{AmqpConfig, seconds};
 use crate::hub::Hub;
 use crate::log_throttle::LogThrottle;
 use crate::metrics::{Metrics, Reason, TriggerSource};
-use crate::trigger::Trigger;
+use crate::trigger::{Trigger, TriggerLimits};
 
 /// The routing key 3.x publishers use and every queue is bound with.
 pub const ROUTING_KEY: &str = "*";
@@ -81,6 +81,8 @@ pub enum AmqpSetupError {
 struct Shared {
     /// Settings.
     config: AmqpConfig,
+    /// Bounds on a consumed body (the same as for `POST /trigger`).
+    limits: TriggerLimits,
     /// Connection target, heartbeat and timeout filled in.
     uri: AMQPUri,
     /// Where consumed triggers are fanned out.
@@ -119,7 +121,12 @@ pub struct AmqpBroker {
 impl AmqpBroker {
     /// Starts the supervisor task (which connects in the background and
     /// retries forever) and returns the broker handle at once.
-    pub fn start(config: AmqpConfig, hub: Arc<Hub>, metrics: Arc<Metrics>) -> Result<AmqpBroker, AmqpSetupError> {
+    pub fn start(
+        config: AmqpConfig,
+        limits: TriggerLimits,
+        hub: Arc<Hub>,
+        metrics: Arc<Metrics>,
+    ) -> Result<AmqpBroker, AmqpSetupError> {
         let url = config.url.as_ref().ok_or(AmqpSetupError::Url)?;
         let mut uri: AMQPUri = url.0.parse().map_err(|_| AmqpSetupError::Url)?;
         if uri.query.heartbeat.is_none() {
@@ -130,6 +137,7 @@ impl AmqpBroker {
         }
         let shared = Arc::new(Shared {
             config,
+            limits,
             uri,
             hub,
             metrics,
@@ -326,7 +334,7 @@ async fn consume(shared: &Shared) -> Result<(), Lost> {
 
 /// Fans out one AMQP body; a malformed one is counted and dropped.
 fn on_body(shared: &Shared, body: &[u8]) {
-    match Trigger::parse(body) {
+    match Trigger::parse_within(body, shared.limits) {
         Ok(trigger) => {
             shared.metrics.triggers.get_or_create(&TriggerSource { source: "amqp" }).inc();
             shared.hub.fan_out(&trigger);
