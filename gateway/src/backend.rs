@@ -10,14 +10,11 @@
 use std::time::{Duration, Instant};
 
 use axum::http::{HeaderName, HeaderValue, StatusCode};
-use serde_json::Value;
+use serde_json::value::RawValue;
 
 use crate::config::{BackendConfig, seconds};
 use crate::metrics::{Metrics, Outcome};
-use crate::room::Room;
-
-/// Largest bootstrap response body read.
-const MAX_BODY_BYTES: usize = 4 << 20;
+use crate::room::{InvalidRoomList, Room, parse_room_list};
 
 /// Close code for a refused user.
 pub const CLOSE_UNAUTHORIZED: u16 = 4401;
@@ -65,6 +62,10 @@ pub struct BootstrapClient {
     url: reqwest::Url,
     /// Where latency and outcomes are counted.
     metrics: std::sync::Arc<Metrics>,
+    /// `backend.maxBodyBytes`.
+    max_body_bytes: usize,
+    /// `backend.maxAllowedRooms`.
+    max_allowed_rooms: usize,
 }
 
 /// Why the client cannot be built.
@@ -78,18 +79,33 @@ pub enum BackendSetupError {
     Client(String),
 }
 
-/// Parses a bootstrap answer into the allowed rooms.
-pub fn parse_bootstrap(body: &[u8]) -> Result<Vec<Room>, BootstrapError> {
-    let Ok(Value::Object(obj)) = serde_json::from_slice::<Value>(body) else {
+/// The part of a bootstrap answer the gateway reads; the rest is skipped
+/// without being built.
+#[derive(serde::Deserialize)]
+struct Answer<'a> {
+    #[serde(borrow, default)]
+    allowed_rooms: Option<&'a RawValue>,
+}
+
+/// Parses a bootstrap answer into at most `max_rooms` allowed rooms, one
+/// room at a time (memory bounded by the limit, not by the answer).
+pub fn parse_bootstrap(body: &[u8], max_rooms: usize) -> Result<Vec<Room>, BootstrapError> {
+    // serde would also read a struct from a JSON array; an answer is an object.
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(BootstrapError::InvalidBody("not a JSON object"));
+    }
+    let Ok(answer) = serde_json::from_slice::<Answer>(body) else {
         return Err(BootstrapError::InvalidBody("not a JSON object"));
     };
-    match obj.get("allowed_rooms") {
-        None | Some(Value::Null) => Ok(Vec::new()),
-        Some(Value::Array(rooms)) => rooms
-            .iter()
-            .map(|r| Room::from_json(r).map_err(|_| BootstrapError::InvalidBody("allowed_rooms holds a non-room")))
-            .collect(),
-        Some(_) => Err(BootstrapError::InvalidBody("allowed_rooms is not a list")),
+    match answer.allowed_rooms.map(RawValue::get) {
+        None | Some("null") => Ok(Vec::new()),
+        Some(rooms) => parse_room_list(rooms, max_rooms).map_err(|e| {
+            BootstrapError::InvalidBody(match e {
+                InvalidRoomList::NotAList => "allowed_rooms is not a list",
+                InvalidRoomList::TooMany(_) => "more allowed_rooms than backend.maxAllowedRooms",
+                InvalidRoomList::BadRoom { .. } => "allowed_rooms holds a non-room",
+            })
+        }),
     }
 }
 
@@ -116,7 +132,13 @@ impl BootstrapClient {
             builder = builder.unix_socket(socket.clone());
         }
         let client = builder.build().map_err(|e| BackendSetupError::Client(e.to_string()))?;
-        Ok(BootstrapClient { client, url, metrics })
+        Ok(BootstrapClient {
+            client,
+            url,
+            metrics,
+            max_body_bytes: config.max_body_bytes,
+            max_allowed_rooms: config.max_allowed_rooms,
+        })
     }
 
     /// The bootstrap URL.
@@ -154,12 +176,12 @@ impl BootstrapClient {
         }
         let mut body = Vec::new();
         while let Some(chunk) = response.chunk().await.map_err(unavailable)? {
-            if body.len() + chunk.len() > MAX_BODY_BYTES {
-                return Err(BootstrapError::InvalidBody("larger than 4 MiB"));
+            if body.len() + chunk.len() > self.max_body_bytes {
+                return Err(BootstrapError::InvalidBody("larger than backend.maxBodyBytes"));
             }
             body.extend_from_slice(&chunk);
         }
-        parse_bootstrap(&body)
+        parse_bootstrap(&body, self.max_allowed_rooms)
     }
 }
 
@@ -167,20 +189,37 @@ impl BootstrapClient {
 mod tests {
     use super::*;
 
+    fn parse_bootstrap_(body: &[u8]) -> Result<Vec<Room>, BootstrapError> {
+        parse_bootstrap(body, 100)
+    }
+
+    #[test]
+    fn allowed_rooms_past_the_limit_refuse_the_user() {
+        let body = |n: usize| {
+            let rooms: Vec<String> = (0..n).map(|i| format!(r#"{{"u":{i}}}"#)).collect();
+            format!(r#"{{"user":{{"id":1}},"allowed_rooms":[{}]}}"#, rooms.join(","))
+        };
+        assert_eq!(parse_bootstrap(body(3).as_bytes(), 3).expect("at the limit").len(), 3);
+        assert_eq!(
+            parse_bootstrap(body(4).as_bytes(), 3),
+            Err(BootstrapError::InvalidBody("more allowed_rooms than backend.maxAllowedRooms"))
+        );
+    }
+
     #[test]
     fn bootstrap_bodies() {
-        assert_eq!(parse_bootstrap(br#"{}"#), Ok(vec![]));
-        assert_eq!(parse_bootstrap(br#"{"allowed_rooms": null, "user": 1}"#), Ok(vec![]));
-        let rooms = parse_bootstrap(br#"{"allowed_rooms": [{"u": 1}, {"u": "*", "t": "x"}]}"#).expect("valid");
+        assert_eq!(parse_bootstrap_(br#"{}"#), Ok(vec![]));
+        assert_eq!(parse_bootstrap_(br#"{"allowed_rooms": null, "user": 1}"#), Ok(vec![]));
+        let rooms = parse_bootstrap_(br#"{"allowed_rooms": [{"u": 1}, {"u": "*", "t": "x"}]}"#).expect("valid");
         assert_eq!(rooms.len(), 2);
-        assert_eq!(parse_bootstrap(b"<html>"), Err(BootstrapError::InvalidBody("not a JSON object")));
-        assert_eq!(parse_bootstrap(b"[]"), Err(BootstrapError::InvalidBody("not a JSON object")));
+        assert_eq!(parse_bootstrap_(b"<html>"), Err(BootstrapError::InvalidBody("not a JSON object")));
+        assert_eq!(parse_bootstrap_(b"[]"), Err(BootstrapError::InvalidBody("not a JSON object")));
         assert_eq!(
-            parse_bootstrap(br#"{"allowed_rooms": {"u": 1}}"#),
+            parse_bootstrap_(br#"{"allowed_rooms": {"u": 1}}"#),
             Err(BootstrapError::InvalidBody("allowed_rooms is not a list"))
         );
         assert_eq!(
-            parse_bootstrap(br#"{"allowed_rooms": [{"u": [1]}]}"#),
+            parse_bootstrap_(br#"{"allowed_rooms": [{"u": [1]}]}"#),
             Err(BootstrapError::InvalidBody("allowed_rooms holds a non-room"))
         );
     }

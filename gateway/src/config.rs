@@ -73,6 +73,12 @@ pub struct BackendConfig {
     pub timeout_seconds: f64,
     /// Extra forwarding rules (DESIGN.md §2), added to or replacing the 3.x table.
     pub forward: Vec<ForwardRule>,
+    /// Largest bootstrap answer, bytes; a larger one refuses the user
+    /// (`invalid_body`, close 4401).
+    pub max_body_bytes: usize,
+    /// Most `allowed_rooms` in one answer; more refuses the user
+    /// (`invalid_body`, close 4401): a backend bug to fix, not to hold.
+    pub max_allowed_rooms: usize,
 }
 
 impl Default for BackendConfig {
@@ -83,6 +89,8 @@ impl Default for BackendConfig {
             bootstrap_path: "bootstrap/".into(),
             timeout_seconds: 5.0,
             forward: Vec::new(),
+            max_body_bytes: 4 << 20,
+            max_allowed_rooms: 10_000,
         }
     }
 }
@@ -177,6 +185,10 @@ pub struct Limits {
     pub max_connections: usize,
     /// Subscriptions per connection (`too-many-subscriptions` past it).
     pub max_subscriptions_per_connection: usize,
+    /// Memory one connection's allowed rooms and subscriptions (rooms and
+    /// ids) may hold, bytes, roughly; a subscribe past it gets
+    /// `too-many-subscriptions`, a bootstrap answer past it refuses the user.
+    pub max_connection_bytes: usize,
     /// Largest client message; a larger one closes with 1009.
     pub max_message_bytes: usize,
     /// Longest `requestId`, as JSON text (quotes included); a longer one is
@@ -201,7 +213,8 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_connections: 50_000,
-            max_subscriptions_per_connection: 1_000,
+            max_subscriptions_per_connection: 10_000,
+            max_connection_bytes: 8 << 20,
             max_message_bytes: 64 * 1024,
             max_request_id_bytes: 128,
             idle_timeout_seconds: 300.0,
@@ -361,6 +374,7 @@ impl Config {
         };
         at_least_one("limits.maxConnections", self.limits.max_connections)?;
         at_least_one("limits.maxSubscriptionsPerConnection", self.limits.max_subscriptions_per_connection)?;
+        at_least_one("limits.maxConnectionBytes", self.limits.max_connection_bytes)?;
         at_least_one("limits.outboundQueue", self.limits.outbound_queue)?;
         // The shortest id, `""` or a one-digit number, must fit.
         if self.limits.max_request_id_bytes < 2 {
@@ -368,6 +382,7 @@ impl Config {
         }
         at_least_one("trigger.maxBodyBytes", self.trigger.max_body_bytes)?;
         at_least_one("trigger.maxRooms", self.trigger.max_rooms)?;
+        at_least_one("backend.maxBodyBytes", self.backend.max_body_bytes)?;
         if !(self.trigger.body_timeout_seconds > 0.0 && self.trigger.body_timeout_seconds <= 3600.0) {
             return Err(invalid("trigger.bodyTimeoutSeconds", "must be more than 0 and at most 3600"));
         }
@@ -453,7 +468,7 @@ clientStatus: {enabled: false}
         c.validate().expect("valid");
         assert_eq!(c.listen.0.port(), 9000);
         assert_eq!(c.limits.max_connections, 10);
-        assert_eq!(c.limits.max_subscriptions_per_connection, 1000, "unset fields keep defaults");
+        assert_eq!(c.limits.max_subscriptions_per_connection, 10_000, "unset fields keep defaults");
         assert!(!c.client_status.enabled);
         assert!(!format!("{c:?}").contains("s3cret"), "Debug redacts the token");
     }

@@ -98,7 +98,89 @@ pub struct Room {
     entries: Box<[(Arc<str>, Scalar)]>,
 }
 
+/// Why a JSON list of rooms was not taken.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InvalidRoomList {
+    /// Not a JSON list.
+    NotAList,
+    /// More rooms than the limit given.
+    TooMany(usize),
+    /// One room is not a room.
+    BadRoom {
+        /// Its position in the list.
+        index: usize,
+        /// What is wrong with it.
+        reason: InvalidRoom,
+    },
+}
+
+/// Visits a JSON list one room at a time: reading stops at the first bad
+/// room or past `max` rooms, so what a list costs to read is bounded by the
+/// limit, not by how many rooms the sender wrote.
+struct RoomListVisitor {
+    /// The most rooms taken.
+    max: usize,
+    /// Why reading stopped early, when it did.
+    stopped: std::cell::Cell<Option<InvalidRoomList>>,
+}
+
+impl<'de> serde::de::Visitor<'de> for &RoomListVisitor {
+    type Value = Vec<Room>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a list of rooms")
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<Room>, A::Error> {
+        let mut rooms = Vec::new();
+        while let Some(value) = seq.next_element::<Value>()? {
+            let index = rooms.len();
+            if index == self.max {
+                self.stopped.set(Some(InvalidRoomList::TooMany(self.max)));
+                return Err(serde::de::Error::custom("too many rooms"));
+            }
+            match Room::from_json(&value) {
+                Ok(room) => rooms.push(room),
+                Err(reason) => {
+                    self.stopped.set(Some(InvalidRoomList::BadRoom { index, reason }));
+                    return Err(serde::de::Error::custom("bad room"));
+                }
+            }
+        }
+        Ok(rooms)
+    }
+}
+
+/// Reads the JSON text of a list of at most `max` rooms (a trigger's
+/// `rooms`, a bootstrap answer's `allowed_rooms`).
+pub fn parse_room_list(json: &str, max: usize) -> Result<Vec<Room>, InvalidRoomList> {
+    if !json.trim_start().starts_with('[') {
+        return Err(InvalidRoomList::NotAList);
+    }
+    let visitor = RoomListVisitor { max, stopped: std::cell::Cell::new(None) };
+    let mut de = serde_json::Deserializer::from_str(json);
+    serde::Deserializer::deserialize_seq(&mut de, &visitor)
+        .map_err(|_| visitor.stopped.take().unwrap_or(InvalidRoomList::NotAList))
+}
+
 impl Room {
+    /// What the room holds in memory, bytes, roughly (shared keys counted
+    /// as if they were not): what per-connection budgets count.
+    pub fn approx_bytes(&self) -> usize {
+        std::mem::size_of::<Room>()
+            + self
+                .entries
+                .iter()
+                .map(|(k, v)| {
+                    let value = match v {
+                        Scalar::Str(s) => s.len() + 16,
+                        _ => 0,
+                    };
+                    std::mem::size_of::<(Arc<str>, Scalar)>() + k.len() + 16 + value
+                })
+                .sum::<usize>()
+    }
+
     /// Parses a JSON value into a canonical room.
     pub fn from_json(value: &Value) -> Result<Room, InvalidRoom> {
         let Value::Object(map) = value else {

@@ -106,6 +106,9 @@ struct Session {
     allowed: Vec<Room>,
     /// Subscriptions by `requestId`.
     subscriptions: HashMap<RequestId, (Room, SubscriptionId)>,
+    /// Bytes its allowed rooms and subscriptions hold, roughly
+    /// ([`subscription_bytes`]), against `limits.maxConnectionBytes`.
+    held_bytes: usize,
     /// This session's queue and overflow flag, as the hub sees them.
     queue: Arc<OutboundQueue>,
     /// Shared process state.
@@ -137,6 +140,7 @@ impl Session {
                 };
                 match self.subscriptions.remove(&request_id) {
                     Some((room, id)) => {
+                        self.held_bytes = self.held_bytes.saturating_sub(subscription_bytes(&room, &request_id));
                         self.gateway.hub.unsubscribe([(&room, id)]);
                         protocol::success(&request_id)
                     }
@@ -165,13 +169,26 @@ impl Session {
         if self.subscriptions.len() >= self.gateway.config.limits.max_subscriptions_per_connection {
             return Err(RequestError::TooManySubscriptions);
         }
+        let cost = subscription_bytes(&room, request_id);
+        if self.held_bytes + cost > self.gateway.config.limits.max_connection_bytes {
+            return Err(RequestError::TooManySubscriptions);
+        }
         if !self.allowed.iter().any(|a| a.permits(&room)) {
             return Err(RequestError::RoomNotFound);
         }
         let id = self.gateway.hub.subscribe(&self.queue, &room, request_id);
         self.subscriptions.insert(request_id.clone(), (room, id));
+        self.held_bytes += cost;
         Ok(())
     }
+}
+
+/// What one subscription holds, roughly: its room twice (the session's map
+/// and the hub's index), its id twice (map key and publish suffix), and the
+/// entries around them.
+fn subscription_bytes(room: &Room, request_id: &RequestId) -> usize {
+    const ENTRIES: usize = 160;
+    2 * room.approx_bytes() + 2 * request_id.as_json().len() + ENTRIES
 }
 
 impl Drop for Session {
@@ -398,6 +415,17 @@ async fn serve(
             return;
         }
     };
+    let allowed_bytes: usize = allowed.iter().map(Room::approx_bytes).sum();
+    if allowed_bytes > limits.max_connection_bytes {
+        info!(peer = %peer, allowed_rooms = allowed.len(), allowed_bytes, "connection refused: allowed rooms over limits.maxConnectionBytes");
+        gateway.metrics.disconnects.get_or_create(&Reason { reason: "over_budget" }).inc();
+        let _ = Box::pin(tokio::time::timeout(Duration::from_secs(1), async {
+            socket.send(Message::Text(Utf8Bytes::from_static(protocol::UNAUTHORIZED))).await?;
+            socket.send(close_message(crate::backend::CLOSE_UNAUTHORIZED, "not authorized")).await
+        }))
+        .await;
+        return;
+    }
     info!(peer = %peer, allowed_rooms = allowed.len(), "connection authorized");
     // The first frame can be large (every allowed room): a client that
     // does not read it must not hold the connection past the idle timeout.
@@ -414,8 +442,13 @@ async fn serve(
     }
 
     let queue = Arc::new(OutboundQueue::new(limits.outbound_queue));
-    let mut session =
-        Session { allowed, subscriptions: HashMap::new(), queue: queue.clone(), gateway: gateway.clone() };
+    let mut session = Session {
+        allowed,
+        subscriptions: HashMap::new(),
+        held_bytes: allowed_bytes,
+        queue: queue.clone(),
+        gateway: gateway.clone(),
+    };
 
     let ping_every = seconds(limits.ping_interval_seconds);
     let now = Instant::now();

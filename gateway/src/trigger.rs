@@ -8,7 +8,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
 
-use crate::room::{InvalidRoom, Room};
+use crate::room::{InvalidRoom, InvalidRoomList, Room, parse_room_list};
 
 /// A parsed trigger.
 #[derive(Debug)]
@@ -75,43 +75,6 @@ struct Body<'a> {
     data: Option<&'a RawValue>,
 }
 
-/// The `rooms` list, read one room at a time and abandoned at the first
-/// bad room or past `max` rooms, so what a body costs to parse is bounded by
-/// the limit, not by how many rooms a publisher wrote.
-struct RoomList {
-    /// The most rooms accepted.
-    max: usize,
-    /// Why reading stopped early, when it did.
-    stopped: std::cell::Cell<Option<InvalidTrigger>>,
-}
-
-impl<'de> serde::de::Visitor<'de> for &RoomList {
-    type Value = Vec<Room>;
-
-    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str("a list of rooms")
-    }
-
-    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<Room>, A::Error> {
-        let mut rooms = Vec::new();
-        while let Some(value) = seq.next_element::<Value>()? {
-            let index = rooms.len();
-            if index == self.max {
-                self.stopped.set(Some(InvalidTrigger::TooManyRooms(self.max)));
-                return Err(serde::de::Error::custom("too many rooms"));
-            }
-            match Room::from_json(&value) {
-                Ok(room) => rooms.push(room),
-                Err(reason) => {
-                    self.stopped.set(Some(InvalidTrigger::BadRoom { index, reason }));
-                    return Err(serde::de::Error::custom("bad room"));
-                }
-            }
-        }
-        Ok(rooms)
-    }
-}
-
 impl Trigger {
     /// Parses a trigger body within `limits`.
     pub fn parse_within(body: &[u8], limits: TriggerLimits) -> Result<Trigger, InvalidTrigger> {
@@ -131,14 +94,10 @@ impl Trigger {
             // Only the category and position: serde's message may quote the body.
             InvalidTrigger::NotJson(format!("{:?} error at line {} column {}", e.classify(), e.line(), e.column()))
         })?;
-        let Some(raw_rooms) = parsed.rooms.filter(|r| r.get().starts_with('[')) else {
-            return Err(InvalidTrigger::NoRooms);
-        };
-        let list = RoomList { max: max_rooms, stopped: std::cell::Cell::new(None) };
-        let mut de = serde_json::Deserializer::from_str(raw_rooms.get());
-        let rooms = serde::Deserializer::deserialize_seq(&mut de, &list).map_err(|_| {
-            // The raw text was valid JSON already: only the visitor stops.
-            list.stopped.take().unwrap_or(InvalidTrigger::NoRooms)
+        let rooms = parse_room_list(parsed.rooms.map_or("", RawValue::get), max_rooms).map_err(|e| match e {
+            InvalidRoomList::NotAList => InvalidTrigger::NoRooms,
+            InvalidRoomList::TooMany(max) => InvalidTrigger::TooManyRooms(max),
+            InvalidRoomList::BadRoom { index, reason } => InvalidTrigger::BadRoom { index, reason },
         })?;
         let data = match parsed.data {
             Some(raw) => raw.to_owned(),

@@ -224,7 +224,7 @@ async fn protocol_violations_get_their_close_codes() {
 /// idle timeout instead of holding its connection for ever.
 #[tokio::test]
 async fn a_client_that_never_reads_the_first_frame_is_dropped() {
-    let rooms: Vec<serde_json::Value> = (0..20_000).map(|i| json!({"user": i, "team": "a-long-team-name"})).collect();
+    let rooms: Vec<serde_json::Value> = (0..9_000).map(|i| json!({"user": i, "team": "a-long-team-name"})).collect();
     let backend = TestBackend::new().answer("hoarder", Answer::rooms(json!(rooms)));
     // Small kernel buffers on both ends, so the frame cannot be absorbed by them.
     let gw = TestGateway::with_backend(&backend, "limits: {idleTimeoutSeconds: 2, sendBufferBytes: 4096}").await;
@@ -271,4 +271,64 @@ async fn a_stalled_trigger_body_is_answered_408() {
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     assert!(started.elapsed() >= std::time::Duration::from_millis(900), "answered before the deadline");
     assert_eq!(gw.metric(r#"hightemplar_triggers_rejected_total{reason="body_timeout"}"#).await, 1.0);
+}
+
+/// 3.1.0's own load test subscribes one connection to 1 500 rooms: the
+/// defaults take that (the memory budget, not a count, protects).
+#[tokio::test]
+async fn fifteen_hundred_subscriptions_on_one_connection_fit_the_defaults() {
+    let gw = TestGateway::with_backend(&backend(), "").await;
+    let mut c = gw.client("mallory").await;
+    let frames: String = (0..1500)
+        .map(|i| format!("{}\n", json!({"type": "subscribe", "room": {"user": i}, "requestId": format!("{i:036}")})))
+        .collect();
+    for line in frames.lines() {
+        c.send(line).await;
+    }
+    for i in 0..1500 {
+        let reply = c.recv_json().await;
+        assert_eq!(reply["code"], "success", "subscription {i}: {reply}");
+    }
+}
+
+/// The per-connection memory budget: subscriptions past it are refused,
+/// unsubscribing gives room back, and a bootstrap answer whose rooms alone
+/// exceed it refuses the user.
+#[tokio::test]
+async fn the_connection_memory_budget_bounds_what_one_client_holds() {
+    let gw = TestGateway::with_backend(&backend(), "limits: {maxConnectionBytes: 4096}").await;
+    let mut c = gw.client("mallory").await;
+    let mut accepted = 0;
+    for i in 0..100 {
+        let reply = c.subscribe(json!({"user": i}), json!(format!("id-{i}"))).await;
+        if reply["code"] == "success" {
+            accepted += 1;
+            continue;
+        }
+        assert_eq!(reply["message"], "too-many-subscriptions", "{reply}");
+        break;
+    }
+    assert!((1..100).contains(&accepted), "{accepted} subscriptions within 4 KiB");
+    assert_eq!(c.request(r#"{"type":"unsubscribe","requestId":"id-0"}"#).await["code"], "success");
+    assert_eq!(c.subscribe(json!({"user": 1000}), json!("again")).await["code"], "success", "room given back");
+
+    let rooms: Vec<serde_json::Value> = (0..200).map(|i| json!({"user": i, "name": "x".repeat(40)})).collect();
+    let hoarder = TestBackend::new().answer("hoarder", Answer::rooms(json!(rooms)));
+    let gw = TestGateway::with_backend(&hoarder, "limits: {maxConnectionBytes: 4096}").await;
+    let mut c = Client::connect(&gw.ws_url(Some("hoarder")), &[]).await.expect("upgrade");
+    assert_eq!(c.recv_json().await, json!({"is_authorized": false, "is_authenticated": false}));
+    assert_eq!(c.until_end().await.1, common::Ended::Close(4401));
+}
+
+/// `backend.maxAllowedRooms`: an answer with more allowed rooms refuses
+/// the user instead of being held.
+#[tokio::test]
+async fn too_many_allowed_rooms_refuse_the_user() {
+    let rooms: Vec<serde_json::Value> = (0..11).map(|i| json!({"user": i})).collect();
+    let hoarder = TestBackend::new().answer("hoarder", Answer::rooms(json!(rooms)));
+    let gw = TestGateway::with_backend(&hoarder, "backend: {maxAllowedRooms: 10}").await;
+    let mut c = Client::connect(&gw.ws_url(Some("hoarder")), &[]).await.expect("upgrade");
+    assert_eq!(c.recv_json().await["is_authorized"], json!(false));
+    assert_eq!(c.until_end().await.1, common::Ended::Close(4401));
+    assert_eq!(gw.metric(r#"hightemplar_auth_total{outcome="invalid_body"}"#).await, 1.0);
 }

@@ -275,6 +275,11 @@ pub struct LimitsSpec {
     #[serde(default = "default_send_buffer_bytes")]
     #[schemars(range(min = 0))]
     pub send_buffer_bytes: i64,
+    /// Memory one connection's allowed rooms and subscriptions may hold,
+    /// bytes, roughly; past it subscribes get `too-many-subscriptions`.
+    #[serde(default = "default_max_connection_bytes")]
+    #[schemars(range(min = 1))]
+    pub max_connection_bytes: i64,
     /// Longest client `requestId` as JSON text, bytes; longer ones are
     /// answered `invalid-request-id` and not kept.
     #[serde(default = "default_max_request_id_bytes")]
@@ -297,6 +302,9 @@ fn default_idle_timeout() -> i64 {
 fn default_send_buffer_bytes() -> i64 {
     gateway_defaults().limits.send_buffer_bytes as i64
 }
+fn default_max_connection_bytes() -> i64 {
+    gateway_defaults().limits.max_connection_bytes as i64
+}
 fn default_max_request_id_bytes() -> i64 {
     gateway_defaults().limits.max_request_id_bytes as i64
 }
@@ -310,6 +318,7 @@ impl Default for LimitsSpec {
             idle_timeout_seconds: default_idle_timeout(),
             send_buffer_bytes: default_send_buffer_bytes(),
             max_request_id_bytes: default_max_request_id_bytes(),
+            max_connection_bytes: default_max_connection_bytes(),
         }
     }
 }

@@ -62,6 +62,8 @@ pub fn gateway_config(spec: &HighTemplarSpec) -> Config {
     c.limits.max_message_bytes = usize::try_from(limits.max_message_bytes).unwrap_or(usize::MAX);
     c.limits.idle_timeout_seconds = limits.idle_timeout_seconds as f64;
     c.limits.send_buffer_bytes = usize::try_from(limits.send_buffer_bytes).unwrap_or(0);
+    c.limits.max_connection_bytes =
+        usize::try_from(limits.max_connection_bytes).unwrap_or(c.limits.max_connection_bytes);
     c.limits.max_request_id_bytes =
         usize::try_from(limits.max_request_id_bytes).unwrap_or(c.limits.max_request_id_bytes);
     c.shutdown.drain_delay_seconds = f64::from(spec.shutdown.drain_delay_seconds);
