@@ -87,12 +87,7 @@ async fn sigterm_drains_closes_with_1001_and_exits_0() {
         .kill_on_drop(true)
         .spawn()
         .expect("spawn gateway");
-    let base = format!("http://127.0.0.1:{port}");
-    common::eventually("gateway ready", || async {
-        tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok()
-            && http_get(&format!("{base}/readyz")).await.0 == 200
-    })
-    .await;
+    let base = common::wait_process_ready(port).await;
     let mut c =
         Client::connect(&format!("ws://127.0.0.1:{port}/ws/?token=bob"), &[("Cookie", "sessionid=cookie-secret")])
             .await

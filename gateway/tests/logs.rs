@@ -52,19 +52,26 @@ async fn trace_logs_hold_no_credentials_no_body_contents_and_few_lines() {
         .args(["--backend-url", &backend_url, "--listen", &format!("127.0.0.1:{port}")])
         .env("HT_AMQP_URL", &amqp_url)
         .env("HT_TRIGGER_TOKEN", "trigger-token-Xy9")
-        .env("HT_LOG", "trace")
+        // Trace for every dependency that could write a secret, and for the
+        // gateway itself; not for tokio and mio, whose trace lines only
+        // slow the test down.
+        .env("HT_LOG", "debug,high_templar_gateway=trace,lapin=trace,amq_protocol=trace,hyper=trace,hyper_util=trace,reqwest=trace,h2=trace,tungstenite=trace,tokio_tungstenite=trace")
         .env("HT_LOG_FORMAT", "json")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .expect("spawn gateway");
-    let base = format!("http://127.0.0.1:{port}");
-    common::eventually("gateway consuming", || async {
-        tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok()
-            && http_get(&format!("{base}/readyz")).await.0 == 200
-    })
-    .await;
+    // Read as it comes: trace output would fill the pipe and block the gateway.
+    let stderr = child.stderr.take().expect("stderr piped");
+    let logs = tokio::spawn(async move {
+        use tokio::io::AsyncReadExt;
+        let mut logs = String::new();
+        let mut stderr = stderr;
+        let _ = stderr.read_to_string(&mut logs).await;
+        logs
+    });
+    let base = common::wait_process_ready(port).await;
 
     // A flood of malformed bodies naming a room key, and good triggers.
     let publisher = common::AmqpPublisher::connect().await;
@@ -82,7 +89,7 @@ async fn trace_logs_hold_no_credentials_no_body_contents_and_few_lines() {
     .await;
     let _ = Command::new("kill").args(["-TERM", &child.id().expect("pid").to_string()]).status();
     let _ = child.wait().await;
-    let logs = common::stderr_of(&mut child).await;
+    let logs = logs.await.expect("the stderr reader");
     publisher.delete_exchange(&exchange).await;
 
     let password_bytes = password.bytes().map(|b| b.to_string()).collect::<Vec<_>>().join(", ");

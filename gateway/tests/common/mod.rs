@@ -475,6 +475,17 @@ impl TestGateway {
     }
 }
 
+/// Waits until a gateway process on 127.0.0.1:`port` listens and its
+/// `/readyz` answers 200; returns its base URL.
+pub async fn wait_process_ready(port: u16) -> String {
+    let base = format!("http://127.0.0.1:{port}");
+    eventually("the gateway process listening and ready", || async {
+        TcpStream::connect(("127.0.0.1", port)).await.is_ok() && http_get(&format!("{base}/readyz")).await.0 == 200
+    })
+    .await;
+    base
+}
+
 /// A loopback port that was free a moment ago.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
