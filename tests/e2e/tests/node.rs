@@ -343,6 +343,14 @@ async fn measured_rollout<F: std::future::Future<Output = ()>>(
     assert!(checked >= 1, "{what}: no old pod had enough clients to measure the spread: {closes:?}");
 }
 
+/// Waits until every client is connected and subscribed.
+async fn all_subscribed(clients: &[Reconnecting]) {
+    eventually_within("every client subscribed", POD_WAIT, || async {
+        clients.iter().all(|c| c.seen().up).then_some(())
+    })
+    .await;
+}
+
 /// Waits until every client received every `data` in `expected`, exactly
 /// once each, counting from `from[i]` publishes.
 async fn every_client_got(clients: &[Reconnecting], from: &[usize], expected: &[Value]) {
@@ -416,10 +424,7 @@ async fn readme_install_serves_clients_through_the_service() {
     urls.extend(std::iter::repeat_n(url.clone(), 3));
     let clients: Vec<Reconnecting> =
         urls.iter().enumerate().map(|(i, u)| Reconnecting::start(u.clone(), format!("user-scale-{i}"))).collect();
-    eventually_within("every client subscribed", POD_WAIT, || async {
-        clients.iter().all(|c| c.seen().up).then_some(())
-    })
-    .await;
+    all_subscribed(&clients).await;
     // Subscribed before the triggers: the reply came after the index took it.
     let mut expected = Vec::new();
     for n in 0..10 {
@@ -448,10 +453,7 @@ async fn rollouts_keep_every_client_connected_through_the_service() {
     let url = t.url().await;
     let clients: Vec<Reconnecting> =
         (0..30).map(|i| Reconnecting::start(url.clone(), format!("user-{}-{i}", t.ns))).collect();
-    eventually_within("every client subscribed", POD_WAIT, || async {
-        clients.iter().all(|c| c.seen().up).then_some(())
-    })
-    .await;
+    all_subscribed(&clients).await;
     let amqp = AmqpPublisher::connect(node.amqp_url(), &t.exchange).await;
 
     // A spec change rolls the pods (the config's hash is in the template).
@@ -484,10 +486,7 @@ async fn a_killed_container_restarts_and_a_broker_outage_takes_pods_out_of_the_s
     let url = t.url().await;
     let clients: Vec<Reconnecting> =
         (0..10).map(|i| Reconnecting::start(url.clone(), format!("user-{}-{i}", t.ns))).collect();
-    eventually_within("every client subscribed", POD_WAIT, || async {
-        clients.iter().all(|c| c.seen().up).then_some(())
-    })
-    .await;
+    all_subscribed(&clients).await;
 
     // SIGKILL the container of one pod, as an OOM kill would.
     let victim = &ready[0];
