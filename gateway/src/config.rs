@@ -197,6 +197,15 @@ pub struct Limits {
     pub max_request_id_bytes: usize,
     /// Close a connection after this long without any client frame.
     pub idle_timeout_seconds: f64,
+    /// Before the websocket upgrade: each request's headers must arrive
+    /// within this long of the connection opening or of the previous
+    /// response (so silent and idle keep-alive connections close too), and
+    /// a response the client does not read is dropped after this long.
+    pub handshake_timeout_seconds: f64,
+    /// Connections not yet upgraded to a websocket (handshakes, triggers,
+    /// probes, scrapes) served at once; past it, 503 at once. Lowered to
+    /// half the file-descriptor reserve when the open-file limit is small.
+    pub max_pending_connections: usize,
     /// Interval of server websocket pings.
     pub ping_interval_seconds: f64,
     /// Publish frames queued per connection; a client further behind is
@@ -218,6 +227,8 @@ impl Default for Limits {
             max_message_bytes: 64 * 1024,
             max_request_id_bytes: 128,
             idle_timeout_seconds: 300.0,
+            handshake_timeout_seconds: 10.0,
+            max_pending_connections: 512,
             ping_interval_seconds: 30.0,
             outbound_queue: 1024,
             send_buffer_bytes: 0,
@@ -376,6 +387,10 @@ impl Config {
         at_least_one("limits.maxSubscriptionsPerConnection", self.limits.max_subscriptions_per_connection)?;
         at_least_one("limits.maxConnectionBytes", self.limits.max_connection_bytes)?;
         at_least_one("limits.outboundQueue", self.limits.outbound_queue)?;
+        at_least_one("limits.maxPendingConnections", self.limits.max_pending_connections)?;
+        if !(self.limits.handshake_timeout_seconds >= 0.1 && self.limits.handshake_timeout_seconds <= 3600.0) {
+            return Err(invalid("limits.handshakeTimeoutSeconds", "must be at least 0.1 and at most 3600"));
+        }
         // The shortest id, `""` or a one-digit number, must fit.
         if self.limits.max_request_id_bytes < 2 {
             return Err(invalid("limits.maxRequestIdBytes", "must be at least 2"));

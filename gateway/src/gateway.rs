@@ -51,9 +51,18 @@ pub struct Gateway {
 /// new clients get a clean 503 instead of failed accepts, and a full process
 /// can still answer `/readyz` and `/metrics`.
 pub fn connection_limit(max_connections: usize, nofile: u64) -> usize {
-    let reserve = (nofile / 4).min(1024);
+    let reserve = fd_reserve(nofile);
     let fits = usize::try_from(nofile.saturating_sub(reserve)).unwrap_or(usize::MAX);
     max_connections.min(fits)
+}
+
+/// File descriptors kept free of websockets under the open-file limit
+/// `nofile`: a quarter of it, at most 1 024. Half of it may go to
+/// connections not yet upgraded ([`crate::listener::pending_limit`]), a
+/// quarter to lingering closes ([`crate::linger::lingering_limit`]), the
+/// rest to backend and broker connections and the listener.
+pub fn fd_reserve(nofile: u64) -> u64 {
+    (nofile / 4).min(1024)
 }
 
 impl Gateway {

@@ -28,6 +28,9 @@
 //! - [`broker`]: the `Broker` trait and its transports.
 //! - [`http`]: routes: `/ws/`, `/trigger`, `/healthz`, `/readyz`, `/metrics`.
 //! - [`gateway`]: `Gateway`, the state shared by all of the above.
+//! - [`listener`]: `Listener`, the accept loop and HTTP/1 up to the
+//!   upgrade, with its header and write deadlines and pending-connection cap.
+//! - [`linger`]: `ServedStream`, the accepted stream and its lingering close.
 //! - [`server`]: `Server`, bind, serve, graceful shutdown.
 //! - [`metrics`]: Prometheus families.
 //! - [`log_throttle`]: `LogThrottle`, rate-limited warnings for events
@@ -46,6 +49,8 @@ pub mod gateway;
 pub mod http;
 pub mod hub;
 pub mod index;
+pub mod linger;
+pub mod listener;
 pub mod log_throttle;
 pub mod metrics;
 pub mod origin;

@@ -40,6 +40,15 @@ pub struct Metrics {
     /// Websockets this process accepts at most: `limits.maxConnections`,
     /// or less when the open-file limit leaves room for fewer.
     pub connections_limit: Gauge,
+    /// TCP connections not yet upgraded to a websocket, open now.
+    pub http_connections_pending: Gauge,
+    /// Connections not yet upgraded served at most at once.
+    pub http_connections_limit: Gauge,
+    /// Connections closed before any upgrade by the listener, by reason
+    /// (`pending_limit`, `header_timeout`, `write_stalled`).
+    pub http_connections_closed: Family<Reason, Counter>,
+    /// Accept errors other than the peer's (usually out of descriptors).
+    pub accept_errors: Counter,
     /// Connections refused before the upgrade, by reason.
     pub connections_refused: Family<Reason, Counter>,
     /// Bootstrap outcomes (`authorized`, `denied`, `invalid_body`, `unavailable`).
@@ -83,6 +92,10 @@ impl Metrics {
             connections: Counter::default(),
             connections_limit: Gauge::default(),
             connections_refused: Family::default(),
+            http_connections_pending: Gauge::default(),
+            http_connections_limit: Gauge::default(),
+            http_connections_closed: Family::default(),
+            accept_errors: Counter::default(),
             auth: Family::default(),
             subscriptions_active: Gauge::default(),
             rooms_active: Gauge::default(),
@@ -112,6 +125,22 @@ impl Metrics {
             "Upgrade requests refused before the websocket opened",
             m.connections_refused.clone(),
         );
+        r.register(
+            "http_connections_pending",
+            "TCP connections not yet upgraded to a websocket",
+            m.http_connections_pending.clone(),
+        );
+        r.register(
+            "http_connections_limit",
+            "TCP connections not yet upgraded served at most (limits.maxPendingConnections)",
+            m.http_connections_limit.clone(),
+        );
+        r.register(
+            "http_connections_closed",
+            "Connections closed before an upgrade by the listener (pending_limit, header_timeout, write_stalled)",
+            m.http_connections_closed.clone(),
+        );
+        r.register("accept_errors", "Failed accepts (usually out of file descriptors)", m.accept_errors.clone());
         r.register("auth", "Backend bootstrap outcomes", m.auth.clone());
         r.register("subscriptions_active", "Subscriptions held now", m.subscriptions_active.clone());
         r.register("rooms_active", "Distinct subscribed rooms now", m.rooms_active.clone());

@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -52,6 +51,8 @@ pub struct Server {
     listener: TcpListener,
     /// Shared state.
     gateway: Arc<Gateway>,
+    /// The soft open-file limit at start.
+    nofile: u64,
 }
 
 impl Server {
@@ -101,7 +102,7 @@ impl Server {
             close_sessions: CancellationToken::new(),
             sessions: TaskTracker::new(),
         });
-        Ok(Server { listener, gateway })
+        Ok(Server { listener, gateway, nofile })
     }
 
     /// The bound address (useful with port 0).
@@ -116,7 +117,7 @@ impl Server {
 
     /// Serves until `shutdown` resolves, then shuts down gracefully.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
-        let Server { listener, gateway } = self;
+        let Server { listener, gateway, nofile } = self;
         let addr = listener.local_addr()?;
         info!(
             %addr,
@@ -143,20 +144,8 @@ impl Server {
             }
         };
         tokio::spawn(shutdown_sequence);
-        let app = crate::http::router(gateway.clone()).into_make_service_with_connect_info::<SocketAddr>();
-        let stopped = stop_accepting.clone();
-        // Small frames must not wait for Nagle's algorithm (tens of ms on
-        // the first publish after a reply).
-        let send_buffer = gateway.config.limits.send_buffer_bytes;
-        let listener = listener.tap_io(move |tcp| {
-            let _ = tcp.set_nodelay(true);
-            if send_buffer > 0
-                && let Err(e) = socket2::SockRef::from(&*tcp).set_send_buffer_size(send_buffer)
-            {
-                tracing::debug!(error = %e, "cannot set the send buffer size");
-            }
-        });
-        axum::serve(listener, app).with_graceful_shutdown(async move { stopped.cancelled().await }).await?;
+        let router = crate::http::router(gateway.clone());
+        crate::listener::Listener::new(listener, router, gateway.clone(), nofile).serve(stop_accepting).await;
         // Sessions close at random moments within the window; give them a
         // little more to send their close frames, then leave anyway.
         gateway.sessions.close();

@@ -285,6 +285,17 @@ pub struct LimitsSpec {
     #[serde(default = "default_max_request_id_bytes")]
     #[schemars(range(min = 2, max = 65536))]
     pub max_request_id_bytes: i64,
+    /// Before the websocket upgrade: seconds a connection has to send each
+    /// request's headers (so silent and idle connections close), and to
+    /// read a response.
+    #[serde(default = "default_handshake_timeout")]
+    #[schemars(range(min = 1, max = 3600))]
+    pub handshake_timeout_seconds: i64,
+    /// Connections not yet upgraded (handshakes, triggers, probes) served
+    /// at once per pod; past it, 503 at once.
+    #[serde(default = "default_max_pending_connections")]
+    #[schemars(range(min = 1))]
+    pub max_pending_connections: i64,
 }
 
 fn default_max_connections() -> i64 {
@@ -309,6 +320,13 @@ fn default_max_request_id_bytes() -> i64 {
     gateway_defaults().limits.max_request_id_bytes as i64
 }
 
+fn default_handshake_timeout() -> i64 {
+    gateway_defaults().limits.handshake_timeout_seconds as i64
+}
+fn default_max_pending_connections() -> i64 {
+    gateway_defaults().limits.max_pending_connections as i64
+}
+
 impl Default for LimitsSpec {
     fn default() -> Self {
         LimitsSpec {
@@ -319,6 +337,8 @@ impl Default for LimitsSpec {
             send_buffer_bytes: default_send_buffer_bytes(),
             max_request_id_bytes: default_max_request_id_bytes(),
             max_connection_bytes: default_max_connection_bytes(),
+            handshake_timeout_seconds: default_handshake_timeout(),
+            max_pending_connections: default_max_pending_connections(),
         }
     }
 }

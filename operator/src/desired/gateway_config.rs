@@ -66,6 +66,9 @@ pub fn gateway_config(spec: &HighTemplarSpec) -> Config {
         usize::try_from(limits.max_connection_bytes).unwrap_or(c.limits.max_connection_bytes);
     c.limits.max_request_id_bytes =
         usize::try_from(limits.max_request_id_bytes).unwrap_or(c.limits.max_request_id_bytes);
+    c.limits.handshake_timeout_seconds = limits.handshake_timeout_seconds as f64;
+    c.limits.max_pending_connections =
+        usize::try_from(limits.max_pending_connections).unwrap_or(c.limits.max_pending_connections);
     c.shutdown.drain_delay_seconds = f64::from(spec.shutdown.drain_delay_seconds);
     c.shutdown.close_window_seconds = f64::from(spec.shutdown.close_window_seconds);
     c
