@@ -89,6 +89,7 @@ impl Hub {
     fn publish_gauges(&self, index: &RoomIndex<Subscriber>) {
         self.metrics.rooms_active.set(index.rooms() as i64);
         self.metrics.subscriptions_active.set(index.subscriptions() as i64);
+        self.metrics.index_projections.set(index.projections() as i64);
     }
 
     /// Subscribes `session` to `room`; the returned id unsubscribes.
@@ -132,6 +133,7 @@ impl Hub {
                 }
             });
         }
+        self.metrics.index_projections.set(index.projections() as i64);
         drop(index);
         self.metrics.messages_delivered.inc_by(out.delivered);
         if out.dropped > 0 {

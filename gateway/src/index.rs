@@ -13,6 +13,12 @@
 //! mask's buckets) and then kept up to date on every subscribe/unsubscribe,
 //! so the steady state never scans.
 //!
+//! Projections are bounded: a mask keeps at most
+//! [`MAX_PROJECTIONS_PER_MASK`] of them, evicting the least recently used.
+//! A publisher cycling through many wildcard patterns over one shape (a
+//! 10-key room has 1 022) then costs a pass over that mask's buckets per
+//! new pattern, not memory per pattern ever used.
+//!
 //! Every bucket and every projection entry is non-empty (removal prunes), so
 //! each entry a lookup visits yields at least one delivery.
 
@@ -33,6 +39,10 @@ type Positions = u32;
 /// Values of a room at some of its shape's positions, in key order.
 type Values = Box<[Scalar]>;
 
+/// Projections one mask keeps at most (applications use a few wildcard
+/// patterns per room shape).
+pub const MAX_PROJECTIONS_PER_MASK: usize = 8;
+
 /// The subscriptions of one process, indexed by room.
 pub struct RoomIndex<T> {
     /// Indexes per key set.
@@ -41,6 +51,12 @@ pub struct RoomIndex<T> {
     rooms: usize,
     /// Subscriptions held.
     subscriptions: usize,
+    /// Projections held, over all masks.
+    projections: usize,
+    /// Projections one mask keeps at most.
+    projection_limit: usize,
+    /// Lookups so far: the clock of projections' last use.
+    lookups: u64,
 }
 
 /// All rooms sharing one key set.
@@ -54,13 +70,23 @@ struct MaskIndex<T> {
     /// Subscriptions keyed by their values at the concrete positions.
     buckets: FastMap<Values, FastMap<SubscriptionId, T>>,
     /// For a subset of the concrete positions: bucket keys grouped by their
-    /// values there. Built on first use by a wildcard trigger.
-    projections: FastMap<Positions, FastMap<Values, FastSet<Values>>>,
+    /// values there. Built on first use by a wildcard trigger, evicted
+    /// least recently used past the limit.
+    projections: FastMap<Positions, Projection>,
+}
+
+/// Bucket keys of one mask grouped by their values at some positions.
+#[derive(Default)]
+struct Projection {
+    /// Projected values → the bucket keys that have them.
+    keys: FastMap<Values, FastSet<Values>>,
+    /// The lookup that last used it.
+    last_used: u64,
 }
 
 impl<T> Default for RoomIndex<T> {
     fn default() -> Self {
-        RoomIndex { shapes: FastMap::default(), rooms: 0, subscriptions: 0 }
+        RoomIndex::with_projection_limit(MAX_PROJECTIONS_PER_MASK)
     }
 }
 
@@ -111,6 +137,23 @@ impl<T> RoomIndex<T> {
         Self::default()
     }
 
+    /// An empty index keeping at most `limit` (at least 1) projections per mask.
+    pub fn with_projection_limit(limit: usize) -> Self {
+        RoomIndex {
+            shapes: FastMap::default(),
+            rooms: 0,
+            subscriptions: 0,
+            projections: 0,
+            projection_limit: limit.max(1),
+            lookups: 0,
+        }
+    }
+
+    /// Wildcard projections held (bounded by the limit per mask).
+    pub fn projections(&self) -> usize {
+        self.projections
+    }
+
     /// Distinct rooms with at least one subscription.
     pub fn rooms(&self) -> usize {
         self.rooms
@@ -133,7 +176,7 @@ impl<T> RoomIndex<T> {
         if !index.buckets.contains_key(&key) {
             self.rooms += 1;
             for (subset, projection) in index.projections.iter_mut() {
-                projection.entry(project(&key, concrete, *subset)).or_default().insert(key.clone());
+                projection.keys.entry(project(&key, concrete, *subset)).or_default().insert(key.clone());
             }
         }
         if index.buckets.entry(key).or_default().insert(id, value).is_none() {
@@ -156,14 +199,15 @@ impl<T> RoomIndex<T> {
             self.rooms -= 1;
             for (subset, projection) in index.projections.iter_mut() {
                 let projected = project(&key, concrete, *subset);
-                if let Some(keys) = projection.get_mut(&projected) {
+                if let Some(keys) = projection.keys.get_mut(&projected) {
                     keys.remove(&key);
                     if keys.is_empty() {
-                        projection.remove(&projected);
+                        projection.keys.remove(&projected);
                     }
                 }
             }
             if index.buckets.is_empty() {
+                self.projections -= index.projections.len();
                 shape.masks.remove(&mask);
                 if shape.masks.is_empty() {
                     self.shapes.remove(&keys);
@@ -178,6 +222,8 @@ impl<T> RoomIndex<T> {
     /// visited (buckets probed or walked, plus subscriptions yielded): the
     /// work done, for tests and benchmarks.
     pub fn for_each_match(&mut self, room: &Room, mut deliver: impl FnMut(SubscriptionId, &T)) -> usize {
+        self.lookups += 1;
+        let now = self.lookups;
         let (keys, trigger_wildcards) = shape_of(room);
         let Some(shape) = self.shapes.get_mut(&keys) else {
             return 1;
@@ -203,14 +249,24 @@ impl<T> RoomIndex<T> {
                 }
             } else {
                 let MaskIndex { buckets, projections } = index;
-                let projection = projections.entry(constrained).or_insert_with(|| {
-                    let mut projection: FastMap<Values, FastSet<Values>> = FastMap::default();
-                    for key in buckets.keys() {
-                        projection.entry(project(key, concrete, constrained)).or_default().insert(key.clone());
+                if !projections.contains_key(&constrained) {
+                    if projections.len() >= self.projection_limit
+                        && let Some(oldest) = projections.iter().min_by_key(|(_, p)| p.last_used).map(|(m, _)| *m)
+                    {
+                        projections.remove(&oldest);
+                        self.projections -= 1;
                     }
-                    projection
-                });
-                if let Some(keys) = projection.get(&values_at(room, constrained)) {
+                    let mut projection = Projection::default();
+                    for key in buckets.keys() {
+                        projection.keys.entry(project(key, concrete, constrained)).or_default().insert(key.clone());
+                    }
+                    projections.insert(constrained, projection);
+                    self.projections += 1;
+                    visited += buckets.len();
+                }
+                let Some(projection) = projections.get_mut(&constrained) else { continue };
+                projection.last_used = now;
+                if let Some(keys) = projection.keys.get(&values_at(room, constrained)) {
                     for key in keys {
                         if let Some(bucket) = buckets.get(key) {
                             visited += 1 + bucket.len();
@@ -312,6 +368,39 @@ mod tests {
         assert!(visited <= 3, "visited {visited} entries for a non-matching wildcard trigger");
     }
 
+    /// Issue 11 finding 4b: triggers with 1 022 distinct wildcard patterns
+    /// over a 10-key room kept a projection each (+170 MB with 300
+    /// subscriptions). Now at most the limit is kept, and every lookup
+    /// still delivers exactly what the brute-force matcher says.
+    #[test]
+    fn distinct_wildcard_patterns_keep_a_bounded_number_of_projections() {
+        let keys = ["k0", "k1", "k2", "k3", "k4", "k5", "k6", "k7", "k8", "k9"];
+        let mut index = RoomIndex::new();
+        let mut subs = Vec::new();
+        for id in 0..300u64 {
+            let r =
+                Room::from_pairs(keys.iter().enumerate().map(|(i, k)| (*k, Scalar::Number(((id >> i) & 1).into()))));
+            index.insert(&r, id, ());
+            subs.push(r);
+        }
+        // Every mix of wildcards and concrete values but all-wildcard and all-concrete.
+        for pattern in 1..(1u32 << keys.len()) - 1 {
+            let trigger = Room::from_pairs(keys.iter().enumerate().map(|(i, k)| {
+                let v = if pattern & (1 << i) != 0 { Scalar::Str("*".into()) } else { Scalar::Number(1.into()) };
+                (*k, v)
+            }));
+            let expected: Vec<u64> =
+                subs.iter().enumerate().filter(|(_, s)| trigger.delivers_to(s)).map(|(id, _)| id as u64).collect();
+            assert_eq!(matches(&mut index, &trigger), expected, "pattern {pattern:b}");
+            assert!(index.projections() <= MAX_PROJECTIONS_PER_MASK, "{} projections", index.projections());
+        }
+        assert_eq!(index.projections(), MAX_PROJECTIONS_PER_MASK);
+        for (id, r) in subs.iter().enumerate() {
+            index.remove(r, id as u64);
+        }
+        assert_eq!(index.projections(), 0, "an emptied mask takes its projections with it");
+    }
+
     fn scalar() -> impl Strategy<Value = Scalar> {
         prop_oneof![
             3 => Just(Scalar::Str("*".into())),
@@ -335,8 +424,10 @@ mod tests {
             subs in proptest::collection::vec(arb_room(), 0..60),
             triggers in proptest::collection::vec(arb_room(), 1..20),
             removals in proptest::collection::vec(any::<bool>(), 60),
+            projection_limit in 1..=3usize,
         ) {
-            let mut index = RoomIndex::new();
+            // Small limits, so lookups evict and rebuild projections.
+            let mut index = RoomIndex::with_projection_limit(projection_limit);
             for (id, r) in subs.iter().enumerate() {
                 index.insert(r, id as u64, ());
             }

@@ -57,6 +57,8 @@ pub struct Metrics {
     pub subscriptions_active: Gauge,
     /// Distinct rooms with at least one subscription now.
     pub rooms_active: Gauge,
+    /// Wildcard projections the index holds (bounded per room shape).
+    pub index_projections: Gauge,
     /// Triggers received, by source.
     pub triggers: Family<TriggerSource, Counter>,
     /// Triggers refused, by reason.
@@ -99,6 +101,7 @@ impl Metrics {
             auth: Family::default(),
             subscriptions_active: Gauge::default(),
             rooms_active: Gauge::default(),
+            index_projections: Gauge::default(),
             triggers: Family::default(),
             triggers_rejected: Family::default(),
             messages_delivered: Counter::default(),
@@ -144,6 +147,11 @@ impl Metrics {
         r.register("auth", "Backend bootstrap outcomes", m.auth.clone());
         r.register("subscriptions_active", "Subscriptions held now", m.subscriptions_active.clone());
         r.register("rooms_active", "Distinct subscribed rooms now", m.rooms_active.clone());
+        r.register(
+            "index_projections",
+            "Wildcard projections held by the subscription index (at most 8 per room shape and wildcard mask)",
+            m.index_projections.clone(),
+        );
         r.register("triggers", "Triggers received", m.triggers.clone());
         r.register("triggers_rejected", "Triggers refused as malformed or unauthorised", m.triggers_rejected.clone());
         r.register("messages_delivered", "Publish frames queued to clients", m.messages_delivered.clone());
