@@ -79,6 +79,28 @@ pub struct BackendConfig {
     /// Most `allowed_rooms` in one answer; more refuses the user
     /// (`invalid_body`, close 4401): a backend bug to fix, not to hold.
     pub max_allowed_rooms: usize,
+    /// How many bootstrap calls run at once, and how long upgrades wait.
+    pub admission: AdmissionConfig,
+}
+
+/// Admission of bootstrap calls: a connect storm (every browser
+/// reconnecting after a rollout) waits in a bounded queue instead of
+/// reaching the API all at once.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct AdmissionConfig {
+    /// Bootstrap calls in flight at once per process.
+    pub max_concurrent: usize,
+    /// Upgrades waiting for a call slot; past it, `503` with `Retry-After`.
+    pub max_queued: usize,
+    /// Longest an upgrade waits for a slot; then `503` with `Retry-After`.
+    pub max_wait_seconds: f64,
+}
+
+impl Default for AdmissionConfig {
+    fn default() -> Self {
+        AdmissionConfig { max_concurrent: 128, max_queued: 256, max_wait_seconds: 5.0 }
+    }
 }
 
 impl Default for BackendConfig {
@@ -91,6 +113,7 @@ impl Default for BackendConfig {
             forward: Vec::new(),
             max_body_bytes: 4 << 20,
             max_allowed_rooms: 10_000,
+            admission: AdmissionConfig::default(),
         }
     }
 }
@@ -388,6 +411,8 @@ impl Config {
         at_least_one("limits.maxConnectionBytes", self.limits.max_connection_bytes)?;
         at_least_one("limits.outboundQueue", self.limits.outbound_queue)?;
         at_least_one("limits.maxPendingConnections", self.limits.max_pending_connections)?;
+        at_least_one("backend.admission.maxConcurrent", self.backend.admission.max_concurrent)?;
+        non_negative("backend.admission.maxWaitSeconds", self.backend.admission.max_wait_seconds)?;
         if !(self.limits.handshake_timeout_seconds >= 0.1 && self.limits.handshake_timeout_seconds <= 3600.0) {
             return Err(invalid("limits.handshakeTimeoutSeconds", "must be at least 0.1 and at most 3600"));
         }

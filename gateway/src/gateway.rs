@@ -26,6 +26,8 @@ pub struct Gateway {
     pub broker: Arc<dyn Broker>,
     /// The backend's bootstrap endpoint.
     pub backend: BootstrapClient,
+    /// Bootstrap slots and their queue.
+    pub admission: crate::admission::Admission,
     /// What of a client's request is forwarded to the backend.
     pub forwarding: ForwardingTable,
     /// Which browser origins may connect.

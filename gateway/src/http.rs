@@ -91,6 +91,22 @@ async fn websocket(
     if gateway.metrics.connections_open.get() >= i64::try_from(gateway.connection_limit).unwrap_or(i64::MAX) {
         return refuse("max_connections", "too many connections\n");
     }
+    // Before the 101: a refused client holds nothing, and a storm reaches
+    // the backend at the pace of the slots.
+    let admitted = match gateway.admission.admit().await {
+        Ok(admitted) => admitted,
+        Err(refused) => {
+            gateway.metrics.connections_refused.get_or_create(&Reason { reason: refused.reason() }).inc();
+            // Spread the retries of a storm over a few seconds.
+            let retry_after = 1 + rand::random::<u64>() % 5;
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                [(header::RETRY_AFTER, retry_after.to_string())],
+                format!("{refused}, retry later\n"),
+            )
+                .into_response();
+        }
+    };
     // Only what the forwarding rules pick is kept for the session.
     let client = client_address(&headers, peer.ip(), &gateway.config.security.trusted_proxies);
     let request = ClientRequest { headers: &headers, query: uri.query(), peer: peer.ip(), client };
@@ -110,7 +126,7 @@ async fn websocket(
         // the upgrade's settings alive next to the session for its whole
         // life (≈ 200 bytes per connection).
         .on_upgrade(move |socket| async move {
-            tracker.spawn(session::run(socket, gateway, backend_headers, peer));
+            tracker.spawn(session::run(socket, gateway, admitted, backend_headers, peer));
         })
 }
 

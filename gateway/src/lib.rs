@@ -24,6 +24,8 @@
 //! - [`outbound`]: `OutboundQueue`, one session's bounded queue of publish
 //!   frames and its slow-consumer flag.
 //! - [`backend`]: `BootstrapClient`, the call to the existing API.
+//! - [`admission`]: `Admission`, bootstrap calls in flight at once and
+//!   their bounded queue.
 //! - [`session`]: one websocket connection, bootstrap to close.
 //! - [`broker`]: the `Broker` trait and its transports.
 //! - [`http`]: routes: `/ws/`, `/trigger`, `/healthz`, `/readyz`, `/metrics`.
@@ -40,6 +42,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod admission;
 pub mod backend;
 pub mod broker;
 pub mod cli;

@@ -49,6 +49,10 @@ pub struct Metrics {
     pub http_connections_closed: Family<Reason, Counter>,
     /// Accept errors other than the peer's (usually out of descriptors).
     pub accept_errors: Counter,
+    /// Bootstrap calls in flight now (at most `backend.admission.maxConcurrent`).
+    pub bootstrap_in_flight: Gauge,
+    /// Upgrades waiting for a bootstrap slot now.
+    pub bootstrap_queued: Gauge,
     /// Connections refused before the upgrade, by reason.
     pub connections_refused: Family<Reason, Counter>,
     /// Bootstrap outcomes (`authorized`, `denied`, `invalid_body`, `unavailable`).
@@ -95,6 +99,8 @@ impl Metrics {
             connections_limit: Gauge::default(),
             connections_refused: Family::default(),
             http_connections_pending: Gauge::default(),
+            bootstrap_in_flight: Gauge::default(),
+            bootstrap_queued: Gauge::default(),
             http_connections_limit: Gauge::default(),
             http_connections_closed: Family::default(),
             accept_errors: Counter::default(),
@@ -144,6 +150,8 @@ impl Metrics {
             m.http_connections_closed.clone(),
         );
         r.register("accept_errors", "Failed accepts (usually out of file descriptors)", m.accept_errors.clone());
+        r.register("bootstrap_in_flight", "Bootstrap calls in flight", m.bootstrap_in_flight.clone());
+        r.register("bootstrap_queued", "Upgrades waiting for a bootstrap slot", m.bootstrap_queued.clone());
         r.register("auth", "Backend bootstrap outcomes", m.auth.clone());
         r.register("subscriptions_active", "Subscriptions held now", m.subscriptions_active.clone());
         r.register("rooms_active", "Distinct subscribed rooms now", m.rooms_active.clone());

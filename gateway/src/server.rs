@@ -89,11 +89,17 @@ impl Server {
         metrics.connections_limit.set(i64::try_from(connection_limit).unwrap_or(i64::MAX));
         let addr = config.listen.0;
         let listener = TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })?;
+        let admission = crate::admission::Admission::new(
+            &config.backend.admission,
+            metrics.bootstrap_in_flight.clone(),
+            metrics.bootstrap_queued.clone(),
+        );
         let gateway = Arc::new(Gateway {
             config,
             hub,
             broker,
             backend,
+            admission,
             forwarding,
             origins,
             connection_limit,

@@ -22,6 +22,8 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+
+use crate::admission::Admitted;
 use axum::http::{HeaderName, HeaderValue};
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use tokio::time::{Instant, Sleep, sleep_until};
@@ -381,15 +383,17 @@ fn read_error(e: &axum::Error) -> Stop {
 pub fn run(
     socket: WebSocket,
     gateway: Arc<Gateway>,
+    admitted: Admitted,
     backend_headers: Vec<(HeaderName, HeaderValue)>,
     peer: SocketAddr,
 ) -> impl Future<Output = ()> + Send {
-    serve(Box::new(socket), gateway, backend_headers, peer)
+    serve(Box::new(socket), gateway, admitted, backend_headers, peer)
 }
 
 async fn serve(
     mut socket: Box<WebSocket>,
     gateway: Arc<Gateway>,
+    admitted: Admitted,
     backend_headers: Vec<(HeaderName, HeaderValue)>,
     peer: SocketAddr,
 ) {
@@ -402,7 +406,13 @@ async fn serve(
 
     // Boxed: the HTTP call's state would otherwise be part of this task's
     // allocation for the whole life of the connection.
-    let allowed = match Box::pin(gateway.backend.bootstrap(backend_headers)).await {
+    // The admission slot is held for the call only (inside the box, so it
+    // does not size the task).
+    let bootstrap = async {
+        let _admitted = admitted;
+        gateway.backend.bootstrap(backend_headers).await
+    };
+    let allowed = match Box::pin(bootstrap).await {
         Ok(allowed) => allowed,
         Err(e) => {
             info!(peer = %peer, outcome = e.outcome(), error = %e, "connection refused");

@@ -134,6 +134,48 @@ pub struct BackendSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 16))]
     pub forward: Vec<ForwardRuleSpec>,
+    /// Bootstrap calls in flight at once per pod, and how long upgrades
+    /// wait for one (a reconnect storm reaches the API at this pace).
+    #[serde(default)]
+    pub admission: AdmissionSpec,
+}
+
+/// Admission of bootstrap calls, per gateway pod.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct AdmissionSpec {
+    /// Bootstrap calls in flight at once.
+    #[serde(default = "default_admission_concurrent")]
+    #[schemars(range(min = 1))]
+    pub max_concurrent: i64,
+    /// Upgrades waiting for a call slot; past it, 503 with Retry-After.
+    #[serde(default = "default_admission_queued")]
+    #[schemars(range(min = 0))]
+    pub max_queued: i64,
+    /// Longest wait for a slot, seconds; then 503 with Retry-After.
+    #[serde(default = "default_admission_wait")]
+    #[schemars(range(min = 0, max = 300))]
+    pub max_wait_seconds: i64,
+}
+
+fn default_admission_concurrent() -> i64 {
+    gateway_defaults().backend.admission.max_concurrent as i64
+}
+fn default_admission_queued() -> i64 {
+    gateway_defaults().backend.admission.max_queued as i64
+}
+fn default_admission_wait() -> i64 {
+    gateway_defaults().backend.admission.max_wait_seconds as i64
+}
+
+impl Default for AdmissionSpec {
+    fn default() -> Self {
+        AdmissionSpec {
+            max_concurrent: default_admission_concurrent(),
+            max_queued: default_admission_queued(),
+            max_wait_seconds: default_admission_wait(),
+        }
+    }
 }
 
 // Defaults come from the gateway's own configuration, so the CRD and the

@@ -62,6 +62,8 @@ impl Answer {
 pub struct TestBackend {
     answers: Arc<Mutex<HashMap<String, Answer>>>,
     seen: Arc<Mutex<Vec<HeaderMap>>>,
+    /// Requests being answered now, and the most at once so far.
+    in_flight: Arc<(std::sync::atomic::AtomicUsize, std::sync::atomic::AtomicUsize)>,
 }
 
 impl TestBackend {
@@ -80,6 +82,11 @@ impl TestBackend {
         self.seen.lock().expect("lock").clone()
     }
 
+    /// The most bootstrap requests it was answering at once.
+    pub fn max_in_flight(&self) -> usize {
+        self.in_flight.1.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     fn router(&self) -> Router {
         let backend = self.clone();
         Router::new().route(
@@ -96,7 +103,11 @@ impl TestBackend {
                         .to_string();
                     let answer = backend.answers.lock().expect("lock").get(&token).cloned();
                     let answer = answer.unwrap_or_else(|| Answer::status(403));
+                    use std::sync::atomic::Ordering::SeqCst;
+                    let now = backend.in_flight.0.fetch_add(1, SeqCst) + 1;
+                    backend.in_flight.1.fetch_max(now, SeqCst);
                     tokio::time::sleep(answer.delay).await;
+                    backend.in_flight.0.fetch_sub(1, SeqCst);
                     (answer.status, [("content-type", "application/json")], answer.body).into_response()
                 }
             }),

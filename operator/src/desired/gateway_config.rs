@@ -47,6 +47,11 @@ pub fn gateway_config(spec: &HighTemplarSpec) -> Config {
             format: rule.format.clone(),
         })
         .collect();
+    let admission = &spec.backend.admission;
+    c.backend.admission.max_concurrent =
+        usize::try_from(admission.max_concurrent).unwrap_or(c.backend.admission.max_concurrent);
+    c.backend.admission.max_queued = usize::try_from(admission.max_queued).unwrap_or(c.backend.admission.max_queued);
+    c.backend.admission.max_wait_seconds = admission.max_wait_seconds as f64;
     if let Some(rabbitmq) = &spec.rabbitmq {
         c.broker.kind = BrokerKind::Amqp;
         c.broker.amqp.exchange = rabbitmq.exchange.clone();

@@ -24,6 +24,7 @@ impl Fixture {
                 bootstrap_path: "bootstrap/".into(),
                 timeout_seconds: 5,
                 forward: vec![],
+                admission: Default::default(),
             },
             rabbitmq: None,
             trigger: None,
@@ -109,6 +110,7 @@ fn config_map_is_a_valid_gateway_config() {
             s.limits.max_request_id_bytes = 64;
             s.limits.handshake_timeout_seconds = 7;
             s.limits.max_pending_connections = 99;
+            s.backend.admission.max_concurrent = 16;
             s.security.allowed_origins = vec!["https://*.example.com".into()];
             s.security.trusted_proxies = vec!["10.0.0.0/8".into()];
             s.backend.forward = vec![ForwardRuleSpec {
@@ -130,6 +132,8 @@ fn config_map_is_a_valid_gateway_config() {
     assert_eq!(config.limits.max_request_id_bytes, 64);
     assert_eq!(config.limits.handshake_timeout_seconds, 7.0);
     assert_eq!(config.limits.max_pending_connections, 99);
+    assert_eq!(config.backend.admission.max_concurrent, 16);
+    assert_eq!(config.backend.admission.max_wait_seconds, 5.0);
     assert_eq!(config.security.allowed_origins, ["https://*.example.com"]);
     let proxies: Vec<String> = config.security.trusted_proxies.iter().map(ToString::to_string).collect();
     assert_eq!(proxies, ["10.0.0.0/8"]);

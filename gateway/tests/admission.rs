@@ -1,0 +1,83 @@
+//! Connect storms (issue 12 §1): at most `backend.admission.maxConcurrent`
+//! bootstrap calls reach the backend at once; upgrades wait in a bounded
+//! queue for a bounded time, and past either bound are refused before the
+//! 101 with `503` and `Retry-After`. A real, slow backend and real clients.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Answer, Client, TestBackend, TestGateway};
+use serde_json::json;
+use tokio_tungstenite::tungstenite::Error as WsError;
+
+/// What a connect attempt got: authorised, or refused with this status and `Retry-After`.
+#[derive(Debug, PartialEq)]
+enum Outcome {
+    Authorized,
+    Refused(u16, Option<u64>),
+}
+
+async fn connect(gw: &TestGateway) -> Outcome {
+    match Client::connect(&gw.ws_url(Some("storm")), &[]).await {
+        Ok(mut c) => {
+            assert_eq!(c.recv_json().await["is_authorized"], json!(true));
+            Outcome::Authorized
+        }
+        Err(WsError::Http(response)) => {
+            let retry = response.headers().get("retry-after").and_then(|v| v.to_str().ok()?.parse().ok());
+            Outcome::Refused(response.status().as_u16(), retry)
+        }
+        Err(e) => panic!("unexpected connect error: {e}"),
+    }
+}
+
+async fn storm(gw: &TestGateway, clients: usize) -> Vec<Outcome> {
+    let attempts: Vec<_> = (0..clients).map(|_| connect(gw)).collect();
+    futures_util::future::join_all(attempts).await
+}
+
+#[tokio::test]
+async fn a_storm_reaches_the_backend_at_most_max_concurrent_at_once() {
+    let backend = TestBackend::new().answer("storm", Answer::rooms(json!([])).delayed(Duration::from_millis(800)));
+    let gw = TestGateway::with_backend(
+        &backend,
+        "backend: {admission: {maxConcurrent: 4, maxQueued: 8, maxWaitSeconds: 5}}",
+    )
+    .await;
+    // 12 fit: 4 in flight, 8 waiting.
+    let outcomes = storm(&gw, 12).await;
+    assert!(outcomes.iter().all(|o| *o == Outcome::Authorized), "{outcomes:?}");
+    assert_eq!(backend.max_in_flight(), 4, "the cap is reached and held");
+    // 30 at once: 12 are served, the others refused at once with a retry hint.
+    let outcomes = storm(&gw, 30).await;
+    let authorized = outcomes.iter().filter(|o| **o == Outcome::Authorized).count();
+    let refused: Vec<_> = outcomes.iter().filter(|o| **o != Outcome::Authorized).collect();
+    assert_eq!(authorized, 12, "{outcomes:?}");
+    for o in &refused {
+        let Outcome::Refused(503, Some(retry)) = o else { panic!("refused without 503 + Retry-After: {o:?}") };
+        assert!((1..=5).contains(retry), "Retry-After {retry}");
+    }
+    assert_eq!(backend.max_in_flight(), 4);
+    assert_eq!(gw.metric(r#"hightemplar_connections_refused_total{reason="admission_queue_full"}"#).await, 18.0);
+    assert_eq!(gw.metric("hightemplar_bootstrap_in_flight").await, 0.0);
+    assert_eq!(gw.metric("hightemplar_bootstrap_queued").await, 0.0);
+}
+
+#[tokio::test]
+async fn an_upgrade_waits_at_most_max_wait_seconds() {
+    let backend = TestBackend::new().answer("storm", Answer::rooms(json!([])).delayed(Duration::from_millis(1500)));
+    let gw = TestGateway::with_backend(
+        &backend,
+        "backend: {admission: {maxConcurrent: 1, maxQueued: 10, maxWaitSeconds: 0.3}}",
+    )
+    .await;
+    let started = std::time::Instant::now();
+    let outcomes = storm(&gw, 3).await;
+    let refused = outcomes.iter().filter(|o| matches!(o, Outcome::Refused(503, Some(_)))).count();
+    assert_eq!(refused, 2, "{outcomes:?}");
+    assert!(outcomes.contains(&Outcome::Authorized), "{outcomes:?}");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    assert_eq!(gw.metric(r#"hightemplar_connections_refused_total{reason="admission_timeout"}"#).await, 2.0);
+    assert_eq!(backend.max_in_flight(), 1);
+}
