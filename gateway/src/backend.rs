@@ -12,6 +12,9 @@ use std::time::{Duration, Instant};
 use axum::http::{HeaderName, HeaderValue, StatusCode};
 use serde_json::value::RawValue;
 
+use tracing::warn;
+
+use crate::breaker::{CircuitBreaker, Permit};
 use crate::config::{BackendConfig, seconds};
 use crate::metrics::{Metrics, Outcome};
 use crate::room::{InvalidRoomList, Room, parse_room_list};
@@ -33,6 +36,9 @@ pub enum BootstrapError {
     /// Unreachable, timed out, `429` or `5xx`.
     #[error("backend unavailable: {0}")]
     Unavailable(String),
+    /// Not called: the circuit breaker is open after repeated failures.
+    #[error("backend unavailable: not called while the circuit breaker is open")]
+    CircuitOpen,
 }
 
 impl BootstrapError {
@@ -40,7 +46,7 @@ impl BootstrapError {
     pub fn close_code(&self) -> u16 {
         match self {
             BootstrapError::Denied(_) | BootstrapError::InvalidBody(_) => CLOSE_UNAUTHORIZED,
-            BootstrapError::Unavailable(_) => CLOSE_TRY_AGAIN_LATER,
+            BootstrapError::Unavailable(_) | BootstrapError::CircuitOpen => CLOSE_TRY_AGAIN_LATER,
         }
     }
 
@@ -50,6 +56,7 @@ impl BootstrapError {
             BootstrapError::Denied(_) => "denied",
             BootstrapError::InvalidBody(_) => "invalid_body",
             BootstrapError::Unavailable(_) => "unavailable",
+            BootstrapError::CircuitOpen => "circuit_open",
         }
     }
 }
@@ -66,6 +73,8 @@ pub struct BootstrapClient {
     max_body_bytes: usize,
     /// `backend.maxAllowedRooms`.
     max_allowed_rooms: usize,
+    /// Stops calls to a failing backend.
+    breaker: std::sync::Mutex<CircuitBreaker>,
 }
 
 /// Why the client cannot be built.
@@ -138,6 +147,7 @@ impl BootstrapClient {
             metrics,
             max_body_bytes: config.max_body_bytes,
             max_allowed_rooms: config.max_allowed_rooms,
+            breaker: std::sync::Mutex::new(CircuitBreaker::new(&config.circuit_breaker)),
         })
     }
 
@@ -146,10 +156,46 @@ impl BootstrapClient {
         &self.url
     }
 
-    /// Calls the backend with the forwarded `headers`.
+    /// The circuit breaker's state now.
+    pub fn circuit(&self) -> crate::breaker::State {
+        self.breaker().state()
+    }
+
+    fn breaker(&self) -> std::sync::MutexGuard<'_, CircuitBreaker> {
+        // A poisoned lock only means another thread panicked while recording.
+        self.breaker.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records `permit`'s outcome and exposes the state.
+    fn record(&self, permit: Permit, failed: bool) {
+        let (opened, state) = {
+            let mut breaker = self.breaker();
+            let opened = breaker.record(permit, failed, Instant::now(), rand::random::<f64>());
+            (opened, breaker.state())
+        };
+        self.metrics.backend_circuit_state.set(state.gauge());
+        if opened {
+            self.metrics.backend_circuit_opened.inc();
+            warn!("backend failing: circuit breaker open, new connections get 1013 without a backend call");
+        }
+    }
+
+    /// Calls the backend with the forwarded `headers`, unless the circuit
+    /// breaker is open.
     pub async fn bootstrap(&self, headers: Vec<(HeaderName, HeaderValue)>) -> Result<Vec<Room>, BootstrapError> {
+        let permit = self.breaker().permit(Instant::now());
+        if permit == Permit::Refused {
+            self.metrics.auth.get_or_create(&Outcome { outcome: "circuit_open" }).inc();
+            return Err(BootstrapError::CircuitOpen);
+        }
+        self.metrics.backend_circuit_state.set(self.circuit().gauge());
+        // A probe abandoned half-way (the client left) counts as failed, or
+        // the breaker would stay half-open for ever.
+        let mut pending = PendingCall { client: self, permit, done: false };
         let start = Instant::now();
         let result = self.call(headers).await;
+        pending.done = true;
+        self.record(permit, matches!(result, Err(BootstrapError::Unavailable(_))));
         self.metrics.backend_latency.observe(start.elapsed().as_secs_f64());
         let outcome = match &result {
             Ok(_) => "authorized",
@@ -158,7 +204,27 @@ impl BootstrapClient {
         self.metrics.auth.get_or_create(&Outcome { outcome }).inc();
         result
     }
+}
 
+/// A call in progress; records a failed probe if dropped before the end.
+struct PendingCall<'a> {
+    /// Whose breaker.
+    client: &'a BootstrapClient,
+    /// The call's permit.
+    permit: Permit,
+    /// Recorded already.
+    done: bool,
+}
+
+impl Drop for PendingCall<'_> {
+    fn drop(&mut self) {
+        if !self.done && self.permit == Permit::Probe {
+            self.client.record(Permit::Probe, true);
+        }
+    }
+}
+
+impl BootstrapClient {
     async fn call(&self, headers: Vec<(HeaderName, HeaderValue)>) -> Result<Vec<Room>, BootstrapError> {
         let mut request = self.client.get(self.url.clone());
         for (name, value) in headers {

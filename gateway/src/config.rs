@@ -81,6 +81,29 @@ pub struct BackendConfig {
     pub max_allowed_rooms: usize,
     /// How many bootstrap calls run at once, and how long upgrades wait.
     pub admission: AdmissionConfig,
+    /// When to stop calling a failing backend.
+    pub circuit_breaker: CircuitBreakerConfig,
+}
+
+/// The backend's circuit breaker (`breaker::CircuitBreaker`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct CircuitBreakerConfig {
+    /// Off: every connect calls the backend, however it fails.
+    pub enabled: bool,
+    /// Recent calls considered.
+    pub window: usize,
+    /// Failed share of the window (5xx, `429`, timeouts, unreachable) that
+    /// opens the circuit.
+    pub failure_ratio: f64,
+    /// Seconds the circuit stays open (±20 % jitter) before one probe call.
+    pub open_seconds: f64,
+}
+
+impl Default for CircuitBreakerConfig {
+    fn default() -> Self {
+        CircuitBreakerConfig { enabled: true, window: 20, failure_ratio: 0.5, open_seconds: 5.0 }
+    }
 }
 
 /// Admission of bootstrap calls: a connect storm (every browser
@@ -114,6 +137,7 @@ impl Default for BackendConfig {
             max_body_bytes: 4 << 20,
             max_allowed_rooms: 10_000,
             admission: AdmissionConfig::default(),
+            circuit_breaker: CircuitBreakerConfig::default(),
         }
     }
 }
@@ -413,6 +437,12 @@ impl Config {
         at_least_one("limits.maxPendingConnections", self.limits.max_pending_connections)?;
         at_least_one("backend.admission.maxConcurrent", self.backend.admission.max_concurrent)?;
         non_negative("backend.admission.maxWaitSeconds", self.backend.admission.max_wait_seconds)?;
+        let breaker = &self.backend.circuit_breaker;
+        at_least_one("backend.circuitBreaker.window", breaker.window)?;
+        if !(breaker.failure_ratio > 0.0 && breaker.failure_ratio <= 1.0) {
+            return Err(invalid("backend.circuitBreaker.failureRatio", "must be more than 0 and at most 1"));
+        }
+        positive("backend.circuitBreaker.openSeconds", breaker.open_seconds)?;
         if !(self.limits.handshake_timeout_seconds >= 0.1 && self.limits.handshake_timeout_seconds <= 3600.0) {
             return Err(invalid("limits.handshakeTimeoutSeconds", "must be at least 0.1 and at most 3600"));
         }

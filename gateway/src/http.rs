@@ -54,7 +54,12 @@ async fn readyz(State(gateway): State<Arc<Gateway>>) -> Response {
     } else if !gateway.broker.is_ready() {
         (StatusCode::SERVICE_UNAVAILABLE, format!("broker {} not ready\n", gateway.broker.name())).into_response()
     } else {
-        "ready\n".into_response()
+        // Informational only: a backend outage must not make every replica
+        // unready at once (new connections get 1013 and retry).
+        match gateway.backend.circuit() {
+            crate::breaker::State::Closed => "ready\n".into_response(),
+            state => format!("ready\nbackend circuit breaker: {}\n", state.name()).into_response(),
+        }
     }
 }
 

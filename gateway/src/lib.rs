@@ -16,6 +16,7 @@
 //! - [`trigger`]: trigger bodies (`{"rooms":[…],"data":…}`).
 //! - [`forwarding`]: which client request data goes to the backend.
 //! - [`origin`]: `OriginPolicy`, which browser origins may connect.
+//! - [`breaker`]: `CircuitBreaker`, when to stop calling a failing backend.
 //! - [`config`]: the YAML configuration and its validation.
 //!
 //! State and I/O:
@@ -44,6 +45,7 @@
 
 pub mod admission;
 pub mod backend;
+pub mod breaker;
 pub mod broker;
 pub mod cli;
 pub mod config;

@@ -73,6 +73,10 @@ pub struct Metrics {
     pub messages_dropped: Family<Reason, Counter>,
     /// Connections closed by the gateway, by reason (`slow_consumer`, `idle`, …).
     pub disconnects: Family<Reason, Counter>,
+    /// The backend circuit breaker: 0 closed, 1 open, 2 half-open.
+    pub backend_circuit_state: Gauge,
+    /// Times the backend circuit breaker opened.
+    pub backend_circuit_opened: Counter,
     /// Duration of the backend bootstrap call, seconds.
     pub backend_latency: Histogram,
     /// Duration of one trigger's fan-out (index lookup and queueing), seconds.
@@ -113,6 +117,8 @@ impl Metrics {
             messages_delivered: Counter::default(),
             messages_dropped: Family::default(),
             disconnects: Family::default(),
+            backend_circuit_state: Gauge::default(),
+            backend_circuit_opened: Counter::default(),
             // 1 ms .. ~16 s
             backend_latency: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
             // 10 µs .. ~0.3 s
@@ -165,6 +171,16 @@ impl Metrics {
         r.register("messages_delivered", "Publish frames queued to clients", m.messages_delivered.clone());
         r.register("messages_dropped", "Publish frames not delivered", m.messages_dropped.clone());
         r.register("disconnects", "Connections closed by the gateway", m.disconnects.clone());
+        r.register(
+            "backend_circuit_state",
+            "Backend circuit breaker: 0 closed, 1 open, 2 half-open",
+            m.backend_circuit_state.clone(),
+        );
+        r.register(
+            "backend_circuit_opened",
+            "Times the backend circuit breaker opened",
+            m.backend_circuit_opened.clone(),
+        );
         r.register(
             "backend_request_duration_seconds",
             "Duration of the bootstrap call to the backend",

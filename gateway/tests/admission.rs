@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Answer, Client, TestBackend, TestGateway};
+use common::{Answer, Client, Ended, TestBackend, TestGateway};
 use serde_json::json;
 use tokio_tungstenite::tungstenite::Error as WsError;
 
@@ -80,4 +80,58 @@ async fn an_upgrade_waits_at_most_max_wait_seconds() {
     assert!(started.elapsed() < Duration::from_secs(3));
     assert_eq!(gw.metric(r#"hightemplar_connections_refused_total{reason="admission_timeout"}"#).await, 2.0);
     assert_eq!(backend.max_in_flight(), 1);
+}
+
+async fn connect_close_code(gw: &TestGateway, token: &str) -> Ended {
+    let mut c = Client::connect(&gw.ws_url(Some(token)), &[]).await.expect("upgrade");
+    c.until_end().await.1
+}
+
+/// A failing backend opens the circuit: new connections get 1013 at once,
+/// without a backend call; `/readyz` stays 200 and says so; after the open
+/// period one probe goes through, and its success closes the circuit.
+#[tokio::test]
+async fn a_failing_backend_opens_the_circuit_and_a_probe_closes_it() {
+    let backend = TestBackend::new().answer("flaky", Answer::status(503));
+    let gw = TestGateway::with_backend(
+        &backend,
+        "backend: {circuitBreaker: {window: 4, failureRatio: 0.5, openSeconds: 1}}",
+    )
+    .await;
+    for _ in 0..4 {
+        assert_eq!(connect_close_code(&gw, "flaky").await, Ended::Close(1013));
+    }
+    assert_eq!(backend.seen().len(), 4);
+    // Open: refused without calling the backend.
+    for _ in 0..3 {
+        assert_eq!(connect_close_code(&gw, "flaky").await, Ended::Close(1013));
+    }
+    assert_eq!(backend.seen().len(), 4, "no call while the circuit is open");
+    assert_eq!(gw.metric(r#"hightemplar_auth_total{outcome="circuit_open"}"#).await, 3.0);
+    assert_eq!(gw.metric("hightemplar_backend_circuit_state").await, 1.0);
+    assert_eq!(gw.metric("hightemplar_backend_circuit_opened_total").await, 1.0);
+    let (status, body) = common::http_get(&gw.http_url("/readyz")).await;
+    assert_eq!(status, 200, "a backend outage does not make the replica unready");
+    assert!(body.contains("circuit breaker: open"), "{body}");
+    // The backend recovers; after the open period (1 s ± 20 %) a probe closes the circuit.
+    let _ = backend.clone().answer("flaky", Answer::rooms(json!([])));
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    let mut c = gw.client("flaky").await;
+    assert_eq!(backend.seen().len(), 5);
+    assert_eq!(gw.metric("hightemplar_backend_circuit_state").await, 0.0);
+    let (_, body) = common::http_get(&gw.http_url("/readyz")).await;
+    assert_eq!(body, "ready\n");
+    c.expect_silence(Duration::from_millis(50)).await;
+}
+
+/// 401/403 are answers, not failures: they never open the circuit.
+#[tokio::test]
+async fn refusals_do_not_open_the_circuit() {
+    let backend = TestBackend::new().answer("nobody", Answer::status(403));
+    let gw = TestGateway::with_backend(&backend, "backend: {circuitBreaker: {window: 2, openSeconds: 30}}").await;
+    for _ in 0..6 {
+        assert_eq!(connect_close_code(&gw, "nobody").await, Ended::Close(4401));
+    }
+    assert_eq!(backend.seen().len(), 6);
+    assert_eq!(gw.metric("hightemplar_backend_circuit_opened_total").await, 0.0);
 }

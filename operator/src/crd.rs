@@ -138,6 +138,56 @@ pub struct BackendSpec {
     /// wait for one (a reconnect storm reaches the API at this pace).
     #[serde(default)]
     pub admission: AdmissionSpec,
+    /// When to stop calling a failing backend (new connections then get
+    /// 1013 at once).
+    #[serde(default)]
+    pub circuit_breaker: CircuitBreakerSpec,
+}
+
+/// The backend circuit breaker, per gateway pod.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CircuitBreakerSpec {
+    /// Off: every connect calls the backend.
+    #[serde(default = "default_breaker_enabled")]
+    pub enabled: bool,
+    /// Recent calls considered.
+    #[serde(default = "default_breaker_window")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub window: i64,
+    /// Failed percentage of the window (5xx, 429, timeouts, unreachable)
+    /// that opens the circuit.
+    #[serde(default = "default_breaker_percent")]
+    #[schemars(range(min = 1, max = 100))]
+    pub failure_percent: i64,
+    /// Seconds open (±20 % jitter) before one probe call.
+    #[serde(default = "default_breaker_open")]
+    #[schemars(range(min = 1, max = 300))]
+    pub open_seconds: i64,
+}
+
+fn default_breaker_enabled() -> bool {
+    gateway_defaults().backend.circuit_breaker.enabled
+}
+fn default_breaker_window() -> i64 {
+    gateway_defaults().backend.circuit_breaker.window as i64
+}
+fn default_breaker_percent() -> i64 {
+    (gateway_defaults().backend.circuit_breaker.failure_ratio * 100.0).round() as i64
+}
+fn default_breaker_open() -> i64 {
+    gateway_defaults().backend.circuit_breaker.open_seconds as i64
+}
+
+impl Default for CircuitBreakerSpec {
+    fn default() -> Self {
+        CircuitBreakerSpec {
+            enabled: default_breaker_enabled(),
+            window: default_breaker_window(),
+            failure_percent: default_breaker_percent(),
+            open_seconds: default_breaker_open(),
+        }
+    }
 }
 
 /// Admission of bootstrap calls, per gateway pod.

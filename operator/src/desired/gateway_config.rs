@@ -52,6 +52,11 @@ pub fn gateway_config(spec: &HighTemplarSpec) -> Config {
         usize::try_from(admission.max_concurrent).unwrap_or(c.backend.admission.max_concurrent);
     c.backend.admission.max_queued = usize::try_from(admission.max_queued).unwrap_or(c.backend.admission.max_queued);
     c.backend.admission.max_wait_seconds = admission.max_wait_seconds as f64;
+    let breaker = &spec.backend.circuit_breaker;
+    c.backend.circuit_breaker.enabled = breaker.enabled;
+    c.backend.circuit_breaker.window = usize::try_from(breaker.window).unwrap_or(c.backend.circuit_breaker.window);
+    c.backend.circuit_breaker.failure_ratio = (breaker.failure_percent as f64 / 100.0).clamp(0.01, 1.0);
+    c.backend.circuit_breaker.open_seconds = breaker.open_seconds as f64;
     if let Some(rabbitmq) = &spec.rabbitmq {
         c.broker.kind = BrokerKind::Amqp;
         c.broker.amqp.exchange = rabbitmq.exchange.clone();

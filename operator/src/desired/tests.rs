@@ -25,6 +25,7 @@ impl Fixture {
                 timeout_seconds: 5,
                 forward: vec![],
                 admission: Default::default(),
+                circuit_breaker: Default::default(),
             },
             rabbitmq: None,
             trigger: None,
@@ -111,6 +112,7 @@ fn config_map_is_a_valid_gateway_config() {
             s.limits.handshake_timeout_seconds = 7;
             s.limits.max_pending_connections = 99;
             s.backend.admission.max_concurrent = 16;
+            s.backend.circuit_breaker.failure_percent = 25;
             s.security.allowed_origins = vec!["https://*.example.com".into()];
             s.security.trusted_proxies = vec!["10.0.0.0/8".into()];
             s.backend.forward = vec![ForwardRuleSpec {
@@ -134,6 +136,8 @@ fn config_map_is_a_valid_gateway_config() {
     assert_eq!(config.limits.max_pending_connections, 99);
     assert_eq!(config.backend.admission.max_concurrent, 16);
     assert_eq!(config.backend.admission.max_wait_seconds, 5.0);
+    assert_eq!(config.backend.circuit_breaker.failure_ratio, 0.25);
+    assert_eq!(config.backend.circuit_breaker.window, 20);
     assert_eq!(config.security.allowed_origins, ["https://*.example.com"]);
     let proxies: Vec<String> = config.security.trusted_proxies.iter().map(ToString::to_string).collect();
     assert_eq!(proxies, ["10.0.0.0/8"]);
