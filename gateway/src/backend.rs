@@ -15,6 +15,7 @@ use serde_json::value::RawValue;
 use tracing::warn;
 
 use crate::breaker::{CircuitBreaker, Permit};
+use crate::coalesce::Coalescer;
 use crate::config::{BackendConfig, seconds};
 use crate::metrics::{Metrics, Outcome};
 use crate::room::{InvalidRoomList, Room, parse_room_list};
@@ -75,6 +76,8 @@ pub struct BootstrapClient {
     max_allowed_rooms: usize,
     /// Stops calls to a failing backend.
     breaker: std::sync::Mutex<CircuitBreaker>,
+    /// Identical concurrent requests share one call (`backend.coalesce`).
+    coalescer: Option<Coalescer<Vec<(HeaderName, HeaderValue)>, Result<Vec<Room>, BootstrapError>>>,
 }
 
 /// Why the client cannot be built.
@@ -148,6 +151,7 @@ impl BootstrapClient {
             max_body_bytes: config.max_body_bytes,
             max_allowed_rooms: config.max_allowed_rooms,
             breaker: std::sync::Mutex::new(CircuitBreaker::new(&config.circuit_breaker)),
+            coalescer: config.coalesce.then(Coalescer::default),
         })
     }
 
@@ -193,9 +197,20 @@ impl BootstrapClient {
         // the breaker would stay half-open for ever.
         let mut pending = PendingCall { client: self, permit, done: false };
         let start = Instant::now();
-        let result = self.call(headers).await;
+        let (result, shared) = match &self.coalescer {
+            // The key is the whole forwarded request: only the same
+            // credentials share an answer.
+            Some(coalescer) => coalescer.run(headers.clone(), self.call(headers)).await,
+            None => (self.call(headers).await, false),
+        };
         pending.done = true;
-        self.record(permit, matches!(result, Err(BootstrapError::Unavailable(_))));
+        if shared {
+            self.metrics.bootstrap_coalesced.inc();
+        }
+        // A shared answer is not a call of ours, unless this was the probe.
+        if !shared || permit == Permit::Probe {
+            self.record(permit, matches!(result, Err(BootstrapError::Unavailable(_))));
+        }
         self.metrics.backend_latency.observe(start.elapsed().as_secs_f64());
         let outcome = match &result {
             Ok(_) => "authorized",

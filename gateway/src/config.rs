@@ -83,6 +83,10 @@ pub struct BackendConfig {
     pub admission: AdmissionConfig,
     /// When to stop calling a failing backend.
     pub circuit_breaker: CircuitBreakerConfig,
+    /// Concurrent connects that would send the identical forwarded request
+    /// (same headers, credentials included: one user's tabs) share one
+    /// bootstrap call.
+    pub coalesce: bool,
 }
 
 /// The backend's circuit breaker (`breaker::CircuitBreaker`).
@@ -138,6 +142,7 @@ impl Default for BackendConfig {
             max_allowed_rooms: 10_000,
             admission: AdmissionConfig::default(),
             circuit_breaker: CircuitBreakerConfig::default(),
+            coalesce: true,
         }
     }
 }

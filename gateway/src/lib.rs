@@ -27,6 +27,8 @@
 //! - [`backend`]: `BootstrapClient`, the call to the existing API.
 //! - [`admission`]: `Admission`, bootstrap calls in flight at once and
 //!   their bounded queue.
+//! - [`coalesce`]: `Coalescer`, identical concurrent bootstrap requests
+//!   share one call.
 //! - [`session`]: one websocket connection, bootstrap to close.
 //! - [`broker`]: the `Broker` trait and its transports.
 //! - [`http`]: routes: `/ws/`, `/trigger`, `/healthz`, `/readyz`, `/metrics`.
@@ -48,6 +50,7 @@ pub mod backend;
 pub mod breaker;
 pub mod broker;
 pub mod cli;
+pub mod coalesce;
 pub mod config;
 pub mod forwarding;
 pub mod gateway;

@@ -53,6 +53,8 @@ pub struct Metrics {
     pub bootstrap_in_flight: Gauge,
     /// Upgrades waiting for a bootstrap slot now.
     pub bootstrap_queued: Gauge,
+    /// Bootstraps answered by another connection's identical call.
+    pub bootstrap_coalesced: Counter,
     /// Connections refused before the upgrade, by reason.
     pub connections_refused: Family<Reason, Counter>,
     /// Bootstrap outcomes (`authorized`, `denied`, `invalid_body`, `unavailable`).
@@ -105,6 +107,7 @@ impl Metrics {
             http_connections_pending: Gauge::default(),
             bootstrap_in_flight: Gauge::default(),
             bootstrap_queued: Gauge::default(),
+            bootstrap_coalesced: Counter::default(),
             http_connections_limit: Gauge::default(),
             http_connections_closed: Family::default(),
             accept_errors: Counter::default(),
@@ -158,6 +161,11 @@ impl Metrics {
         r.register("accept_errors", "Failed accepts (usually out of file descriptors)", m.accept_errors.clone());
         r.register("bootstrap_in_flight", "Bootstrap calls in flight", m.bootstrap_in_flight.clone());
         r.register("bootstrap_queued", "Upgrades waiting for a bootstrap slot", m.bootstrap_queued.clone());
+        r.register(
+            "bootstrap_coalesced",
+            "Bootstraps answered by a concurrent identical call",
+            m.bootstrap_coalesced.clone(),
+        );
         r.register("auth", "Backend bootstrap outcomes", m.auth.clone());
         r.register("subscriptions_active", "Subscriptions held now", m.subscriptions_active.clone());
         r.register("rooms_active", "Distinct subscribed rooms now", m.rooms_active.clone());

@@ -42,7 +42,7 @@ async fn a_storm_reaches_the_backend_at_most_max_concurrent_at_once() {
     let backend = TestBackend::new().answer("storm", Answer::rooms(json!([])).delayed(Duration::from_millis(800)));
     let gw = TestGateway::with_backend(
         &backend,
-        "backend: {admission: {maxConcurrent: 4, maxQueued: 8, maxWaitSeconds: 5}}",
+        "backend: {coalesce: false, admission: {maxConcurrent: 4, maxQueued: 8, maxWaitSeconds: 5}}",
     )
     .await;
     // 12 fit: 4 in flight, 8 waiting.
@@ -69,7 +69,7 @@ async fn an_upgrade_waits_at_most_max_wait_seconds() {
     let backend = TestBackend::new().answer("storm", Answer::rooms(json!([])).delayed(Duration::from_millis(1500)));
     let gw = TestGateway::with_backend(
         &backend,
-        "backend: {admission: {maxConcurrent: 1, maxQueued: 10, maxWaitSeconds: 0.3}}",
+        "backend: {coalesce: false, admission: {maxConcurrent: 1, maxQueued: 10, maxWaitSeconds: 0.3}}",
     )
     .await;
     let started = std::time::Instant::now();
@@ -134,4 +134,39 @@ async fn refusals_do_not_open_the_circuit() {
     }
     assert_eq!(backend.seen().len(), 6);
     assert_eq!(gw.metric("hightemplar_backend_circuit_opened_total").await, 0.0);
+}
+
+/// One user's tabs reconnecting together make one backend call; another
+/// user's identical-looking connect (different credentials) never shares it.
+#[tokio::test]
+async fn identical_concurrent_requests_share_one_call() {
+    let slow = |rooms| Answer::rooms(rooms).delayed(Duration::from_millis(500));
+    let backend =
+        TestBackend::new().answer("alice", slow(json!([{"u": "alice"}]))).answer("bob", slow(json!([{"u": "bob"}])));
+    let gw = TestGateway::with_backend(&backend, "").await;
+    let tab = |token: &'static str| {
+        let url = gw.ws_url(Some(token));
+        async move {
+            let mut c = Client::connect(&url, &[("Cookie", "sessionid=s")]).await.expect("connect");
+            c.recv_json().await
+        }
+    };
+    let alice: Vec<_> = (0..10).map(|_| tab("alice")).collect();
+    let (alice, bob) = tokio::join!(futures_util::future::join_all(alice), tab("bob"));
+    for auth in &alice {
+        assert_eq!(auth["is_authorized"], json!(true));
+        assert_eq!(auth["allowed_rooms"], json!([{"u": "alice"}]), "{auth}");
+    }
+    assert_eq!(bob["allowed_rooms"], json!([{"u": "bob"}]), "{bob}");
+    assert_eq!(backend.seen().len(), 2, "one call per distinct request");
+    assert_eq!(gw.metric("hightemplar_bootstrap_coalesced_total").await, 9.0);
+}
+
+#[tokio::test]
+async fn coalescing_can_be_turned_off() {
+    let backend = TestBackend::new().answer("alice", Answer::rooms(json!([])).delayed(Duration::from_millis(300)));
+    let gw = TestGateway::with_backend(&backend, "backend: {coalesce: false}").await;
+    let tabs: Vec<_> = (0..5).map(|_| gw.client("alice")).collect();
+    futures_util::future::join_all(tabs).await;
+    assert_eq!(backend.seen().len(), 5);
 }

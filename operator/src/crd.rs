@@ -142,6 +142,14 @@ pub struct BackendSpec {
     /// 1013 at once).
     #[serde(default)]
     pub circuit_breaker: CircuitBreakerSpec,
+    /// Concurrent connects sending the identical request to the backend
+    /// (same credentials: one user's tabs) share one bootstrap call.
+    #[serde(default = "default_coalesce")]
+    pub coalesce: bool,
+}
+
+fn default_coalesce() -> bool {
+    gateway_defaults().backend.coalesce
 }
 
 /// The backend circuit breaker, per gateway pod.

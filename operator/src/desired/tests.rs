@@ -26,6 +26,7 @@ impl Fixture {
                 forward: vec![],
                 admission: Default::default(),
                 circuit_breaker: Default::default(),
+                coalesce: true,
             },
             rabbitmq: None,
             trigger: None,
