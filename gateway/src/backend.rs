@@ -62,6 +62,9 @@ impl BootstrapError {
     }
 }
 
+/// The headers a bootstrap call sends: the coalescing key.
+type ForwardedRequest = Vec<(HeaderName, HeaderValue)>;
+
 /// Client for the backend's bootstrap endpoint.
 pub struct BootstrapClient {
     /// HTTP client (pooled connections, TCP or unix socket).
@@ -77,7 +80,7 @@ pub struct BootstrapClient {
     /// Stops calls to a failing backend.
     breaker: std::sync::Mutex<CircuitBreaker>,
     /// Identical concurrent requests share one call (`backend.coalesce`).
-    coalescer: Option<Coalescer<Vec<(HeaderName, HeaderValue)>, Result<Vec<Room>, BootstrapError>>>,
+    coalescer: Option<Coalescer<ForwardedRequest, Result<Vec<Room>, BootstrapError>>>,
 }
 
 /// Why the client cannot be built.
