@@ -200,8 +200,19 @@ async fn load_phase(
         .map(|(mut c, mut seen)| {
             let stop = stop.clone();
             tokio::spawn(async move {
+                // A frame now and then, so the idle timeout (300 s) does not
+                // close a client that only listens.
+                let mut alive = tokio::time::interval(Duration::from_secs(60));
                 loop {
-                    match tokio::time::timeout(Duration::from_secs(3), c.ws.next()).await {
+                    let next = tokio::select! {
+                        _ = alive.tick() => {
+                            let status = json!({"type": "status"}).to_string();
+                            c.ws.send(Message::text(status)).await.expect("a steady client sends");
+                            continue;
+                        }
+                        next = tokio::time::timeout(Duration::from_secs(3), c.ws.next()) => next,
+                    };
+                    match next {
                         Ok(Some(Ok(Message::Text(t)))) => {
                             let v: Value = serde_json::from_str(&t).expect("publish is JSON");
                             if let Some(seq) = v["data"]["seq"].as_u64() {
