@@ -4,7 +4,8 @@
 #
 #   tests/bench/scenarios.sh [options] [scenario…]
 #
-# scenarios     any of: idle hot sparse wildcard storm churn (default: all)
+# scenarios     any of: idle hot sparse wildcard storm churn admission
+#               (default: all)
 # --scale F     passed to every scenario (default 1 = the full sizes; 0.01
 #               runs each in seconds)
 # --results DIR where results go (default target/bench-results/<UTC time>)
@@ -19,6 +20,14 @@
 #               memory broker only), with receive packet steering so the
 #               bench's receive work runs on the bench's core: see below
 # -- ARGS…      extra arguments for every bench invocation
+#
+# admission (a reconnect storm) runs two gateways side by side, both with
+# backend.admission {maxConcurrent: 32, maxQueued: 256, maxWaitSeconds: 5},
+# one with backend.coalesce false (the storm of distinct credentials), one
+# with true (the storm of shared ones), against the bench's own backend
+# (--serve-backend: 32 calls at once, 20 ms each), which counts the calls
+# it gets at once. HTB_ADMISSION_MAX_CONCURRENT, HTB_ADMISSION_MAX_QUEUED,
+# HTB_ADMISSION_MAX_WAIT change the gateways' settings.
 #
 # The gateway runs pinned to core 0 (taskset -c 0), the bench and its
 # bundled backend to core 1, so they do not steal each other's CPU. Both
@@ -40,7 +49,7 @@ cd "$(dirname "$0")/../.."
 # shellcheck source=tests/bench/lib.sh
 . tests/bench/lib.sh
 
-all=(idle hot sparse wildcard storm churn)
+all=(idle hot sparse wildcard storm churn admission)
 scale=1
 results=""
 broker=memory
@@ -60,8 +69,8 @@ while [ $# -gt 0 ]; do
     --no-build) build=0; shift ;;
     --netns) netns=1; shift ;;
     --) shift; extra=("$@"); break ;;
-    -h|--help) sed -n '2,37p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-    idle|hot|sparse|wildcard|storm|churn) scenarios+=("$1"); shift ;;
+    -h|--help) sed -n '2,46p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    idle|hot|sparse|wildcard|storm|churn|admission) scenarios+=("$1"); shift ;;
     *) echo "scenarios.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -198,8 +207,75 @@ shutdown:
   closeWindowSeconds: 1
 EOF
 
+# start_gateway NAME CONFIG BACKEND-PORT: a gateway pinned like the others,
+# on a free port; sets gw (pid) and port, or returns 1 when it did not
+# become ready.
+start_gateway() {
+  local name=$1 config=$2 bport=$3
+  port=$(free_port)
+  local args=(serve --config "$config" --listen "$gw_host:$port"
+    --backend-url "http://$backend_host:$bport/" --trigger-token "$token")
+  if [ "$broker" = amqp ]; then
+    args+=(--broker amqp --exchange "$exchange")
+  fi
+  # ip netns exec and taskset exec what follows: $! is the gateway itself.
+  HT_LOG=warn HT_AMQP_URL="$amqp_url" "${gw_exec[@]}" "${server_cpu[@]}" "$gateway" "${args[@]}" \
+    >"$results/gateway-$name.log" 2>&1 &
+  gw=$!
+  pids+=("$gw")
+  for _ in $(seq 1 200); do
+    if http_ok "$port" /readyz "$gw_host"; then return 0; fi
+    kill -0 "$gw" 2>/dev/null || break
+    sleep 0.05
+  done
+  echo "scenarios: gateway $name did not become ready (see $results/gateway-$name.log)" >&2
+  stop_pid "$gw"
+  return 1
+}
+
+# The admission scenario: two gateways (coalescing off, on) and the bench's
+# own slow backend with 32 slots, which the bench runs (--serve-backend).
+run_admission() {
+  local cap=${HTB_ADMISSION_MAX_CONCURRENT:-32} queued=${HTB_ADMISSION_MAX_QUEUED:-256}
+  local wait=${HTB_ADMISSION_MAX_WAIT:-5} bport gw_a port_a gw_b port_b rc=0
+  bport=$(free_port)
+  for coalesce in false true; do
+    cat >"$results/gateway-admission-coalesce-$coalesce.yaml" <<EOF
+backend:
+  admission: {maxConcurrent: $cap, maxQueued: $queued, maxWaitSeconds: $wait}
+  coalesce: $coalesce
+limits:
+  maxConnections: 200000
+shutdown:
+  drainDelaySeconds: 0
+  closeWindowSeconds: 1
+EOF
+  done
+  start_gateway admission "$results/gateway-admission-coalesce-false.yaml" "$bport" || return 1
+  gw_a=$gw port_a=$port
+  start_gateway admission-coalesce "$results/gateway-admission-coalesce-true.yaml" "$bport" \
+    || { stop_pid "$gw_a"; return 1; }
+  gw_b=$gw port_b=$port
+  echo "scenarios: admission (scale $scale; gateways maxConcurrent $cap, maxQueued $queued, maxWaitSeconds $wait:" \
+    "coalesce false on :$port_a, true on :$port_b)"
+  "${bench_cpu[@]}" "$bench" scenario admission --scale "$scale" --serve-backend "$backend_host:$bport" \
+    --url "ws://$gw_host:$port_a/ws/" --server-pid "$gw_a" \
+    --coalesce-url "ws://$gw_host:$port_b/ws/" --coalesce-server-pid "$gw_b" \
+    --max-concurrent "$cap" --json "${netns_bench[@]}" "${extra[@]}" \
+    >"$results/admission.json" 2>"$results/admission.txt" || rc=$?
+  grep -v '^\[bench\]' "$results/admission.txt" || true
+  [ "$rc" = 0 ] || echo "scenarios: admission exited with $rc" >&2
+  stop_pid "$gw_a"
+  stop_pid "$gw_b"
+  return "$rc"
+}
+
 status=0
 for scenario in "${scenarios[@]}"; do
+  if [ "$scenario" = admission ]; then
+    run_admission || status=1
+    continue
+  fi
   port=$(free_port)
   gw_args=(serve --config "$results/gateway.yaml" --listen "$gw_host:$port"
     --backend-url "http://$backend_host:$backend_port/" --trigger-token "$token")

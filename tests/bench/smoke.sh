@@ -4,8 +4,10 @@
 # freshly started gateway (memory broker), and one run through RabbitMQ
 # (amqp broker, AMQP publisher). Asserts ONLY correctness: zero lost, zero
 # duplicated, zero misrouted deliveries, every connection and subscription
-# succeeded. Never asserts speed. Takes about 10 s once built. Needs bash
-# only (no curl, no jq).
+# succeeded; in the reconnect storm (admission), every client connected
+# after its 503 retries, with its own rooms, and the backend never had more
+# calls at once than the gateway's cap. Never asserts speed. Takes about
+# 15 s once built. Needs bash only (no curl, no jq).
 #
 #   tests/bench/smoke.sh [--release] [--no-amqp] [--no-build] [--keep-logs]
 #
@@ -32,7 +34,7 @@ for arg in "$@"; do
     --no-amqp) amqp=0 ;;
     --no-build) build=0 ;;
     --keep-logs) keep=1 ;;
-    -h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "smoke.sh: unknown argument $arg" >&2; exit 2 ;;
   esac
 done
@@ -131,6 +133,31 @@ bench_run wildcard run -n 100 -k 5 --rooms customer=20,warehouse=10 --trigger-wi
 bench_run explicit run -n 100 -k 5 --rooms customer=20,warehouse=10 --trigger-wildcard-share 1 --expand-wildcards --rate 0 --duration 0.3
 bench_run multi-space run -n 100 -k 4 --rooms customer=5,warehouse=4 --rooms user=50 --wildcard-share 0.3 --trigger-wildcard-share 0.3 --trigger-rooms 2 --rate 0 --duration 0.3
 bench_run churn-slow run -n 50 --rooms hot=1 --rate 20 --payload-bytes 1024 --duration 1 --churn-rate 20 --churn-hold 0.3 --slow-clients 3
+
+# The reconnect storm in miniature: 50 clients at once over 3 users against a
+# gateway with 4 bootstrap slots and 16 queued (the rest get 503 and retry
+# after Retry-After, 1-5 s), coalescing on, and the bench's own backend (4
+# calls at once, 20 ms each) checking it never has more than 4 at once.
+storm_backend_port=$(free_port)
+cat >"$work/gateway-admission.yaml" <<'EOF'
+backend:
+  admission: {maxConcurrent: 4, maxQueued: 16, maxWaitSeconds: 5}
+  coalesce: true
+shutdown:
+  drainDelaySeconds: 0
+  closeWindowSeconds: 0
+EOF
+storm_port=$(free_port)
+HT_LOG=warn "$gateway" serve --config "$work/gateway-admission.yaml" --listen "127.0.0.1:$storm_port" \
+  --backend-url "http://127.0.0.1:$storm_backend_port/" --trigger-token "$token" >"$work/gateway-admission.log" 2>&1 &
+storm_pid=$!
+pids+=("$storm_pid")
+wait_ready "$storm_port" /readyz "$storm_pid" "gateway (admission)"
+memory_port=$gw_port memory_pid=$gw_pid
+gw_port=$storm_port gw_pid=$storm_pid
+bench_run admission scenario admission --scale 0.005 --variants shared --serve-backend "127.0.0.1:$storm_backend_port" \
+  --backend-capacity 4 --max-concurrent 4
+gw_port=$memory_port gw_pid=$memory_pid
 
 if [ "$amqp" = 1 ]; then
   echo "smoke: amqp broker ($exchange)"

@@ -189,6 +189,8 @@ struct Incoming<'a> {
     request_id: Option<Value>,
     data: Option<Data>,
     is_authorized: Option<bool>,
+    /// Only in the authorisation frame.
+    allowed_rooms: Option<Vec<Value>>,
 }
 
 /// The bench's trigger data: sequence number, send time, phase.
@@ -204,51 +206,112 @@ pub fn subscribe_frame(room: &Value, request_id: usize) -> String {
     serde_json::json!({"type": "subscribe", "room": room, "requestId": request_id}).to_string()
 }
 
+/// Why opening a connection failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OpenError {
+    /// The server answered the upgrade with this HTTP status instead of
+    /// 101 (with its `Retry-After`, in whole seconds, and the first line of
+    /// its body).
+    Refused {
+        /// HTTP status.
+        status: u16,
+        /// `Retry-After` as delay-seconds, when present and numeric.
+        retry_after: Option<u64>,
+        /// The body's first line (at most 80 bytes), often the reason.
+        reason: String,
+    },
+    /// Closed with this code before the authorisation frame.
+    Closed(u16),
+    /// The authorisation frame said `is_authorized: false`.
+    Unauthorized,
+    /// No authorisation frame within the connect timeout.
+    TimedOut,
+    /// Anything else (socket, handshake, frame errors).
+    Failed(String),
+}
+
+impl std::fmt::Display for OpenError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            OpenError::Refused { status, .. } => write!(f, "handshake: HTTP {status}"),
+            OpenError::Closed(code) => write!(f, "auth: closed ({code})"),
+            OpenError::Unauthorized => f.write_str("auth: refused (is_authorized false)"),
+            OpenError::TimedOut => f.write_str("connect: timed out"),
+            OpenError::Failed(e) => f.write_str(e),
+        }
+    }
+}
+
 /// Connects (bound to a source address picked by `index`), upgrades and
 /// waits for the authorisation frame.
 pub async fn open(ctx: &Ctx, index: usize) -> Result<Ws, String> {
     let _permit = ctx.connect_permits.acquire().await.map_err(|_| "connect: stopped".to_string())?;
-    match tokio::time::timeout(ctx.connect_timeout, open_inner(ctx, index)).await {
-        Ok(result) => result,
-        Err(_) => Err("connect: timed out".to_string()),
+    match tokio::time::timeout(ctx.connect_timeout, open_inner(ctx, &ctx.url, index)).await {
+        Ok(result) => result.map(|(ws, _)| ws).map_err(|e| e.to_string()),
+        Err(_) => Err(OpenError::TimedOut.to_string()),
     }
 }
 
-async fn open_inner(ctx: &Ctx, index: usize) -> Result<Ws, String> {
+/// One attempt of [`open`] on `url` (its own token), from the source
+/// address picked by `source`; the structured error says whether and when
+/// to retry. On success also returns the allowed rooms of the
+/// authorisation frame.
+pub async fn attempt(ctx: &Ctx, url: &str, source: usize) -> Result<(Ws, Vec<Value>), OpenError> {
+    let _permit = ctx.connect_permits.acquire().await.map_err(|_| OpenError::Failed("connect: stopped".into()))?;
+    match tokio::time::timeout(ctx.connect_timeout, open_inner(ctx, url, source)).await {
+        Ok(result) => result,
+        Err(_) => Err(OpenError::TimedOut),
+    }
+}
+
+/// What a refused upgrade's response says.
+fn refused(response: &tokio_tungstenite::tungstenite::handshake::client::Response) -> OpenError {
+    let retry_after =
+        response.headers().get("retry-after").and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<u64>().ok());
+    let body = response.body().as_deref().unwrap_or_default();
+    let line = String::from_utf8_lossy(body).lines().next().unwrap_or_default().trim().to_string();
+    let reason = match line.char_indices().nth(80) {
+        Some((at, _)) => line[..at].to_string(),
+        None => line,
+    };
+    OpenError::Refused { status: response.status().as_u16(), retry_after, reason }
+}
+
+async fn open_inner(ctx: &Ctx, url: &str, source: usize) -> Result<(Ws, Vec<Value>), OpenError> {
+    let failed = OpenError::Failed;
     let socket = match ctx.server {
         SocketAddr::V4(_) => TcpSocket::new_v4(),
         SocketAddr::V6(_) => TcpSocket::new_v6(),
     }
-    .map_err(|e| format!("socket: {}", e.kind()))?;
+    .map_err(|e| failed(format!("socket: {}", e.kind())))?;
     if !ctx.sources.is_empty() {
-        let source = ctx.sources[index % ctx.sources.len()];
-        socket.bind(SocketAddr::new(source, 0)).map_err(|e| format!("bind {source}: {}", e.kind()))?;
+        let source = ctx.sources[source % ctx.sources.len()];
+        socket.bind(SocketAddr::new(source, 0)).map_err(|e| failed(format!("bind {source}: {}", e.kind())))?;
     }
-    let stream = socket.connect(ctx.server).await.map_err(|e| format!("connect: {}", e.kind()))?;
+    let stream = socket.connect(ctx.server).await.map_err(|e| failed(format!("connect: {}", e.kind())))?;
     let _ = stream.set_nodelay(true);
-    let (mut ws, _) = tokio_tungstenite::client_async_with_config(ctx.url.as_str(), stream, Some(ctx.ws_config))
-        .await
-        .map_err(|e| match e {
-            WsError::Http(response) => format!("handshake: HTTP {}", response.status().as_u16()),
-            other => format!("handshake: {other}"),
+    let (mut ws, _) =
+        tokio_tungstenite::client_async_with_config(url, stream, Some(ctx.ws_config)).await.map_err(|e| match e {
+            WsError::Http(response) => refused(&response),
+            other => failed(format!("handshake: {other}")),
         })?;
     loop {
         match ws.next().await {
             Some(Ok(Message::Text(text))) => {
-                let frame: Incoming =
-                    serde_json::from_str(text.as_str()).map_err(|_| "auth: first frame is not JSON".to_string())?;
+                let frame: Incoming = serde_json::from_str(text.as_str())
+                    .map_err(|_| failed("auth: first frame is not JSON".to_string()))?;
                 return match frame.is_authorized {
-                    Some(true) => Ok(ws),
-                    Some(false) => Err("auth: refused (is_authorized false)".to_string()),
-                    None => Err("auth: first frame has no is_authorized".to_string()),
+                    Some(true) => Ok((ws, frame.allowed_rooms.unwrap_or_default())),
+                    Some(false) => Err(OpenError::Unauthorized),
+                    None => Err(failed("auth: first frame has no is_authorized".to_string())),
                 };
             }
             Some(Ok(Message::Close(frame))) => {
-                return Err(format!("auth: closed ({})", frame.map_or(1005, |f| u16::from(f.code))));
+                return Err(OpenError::Closed(frame.map_or(1005, |f| u16::from(f.code))));
             }
             Some(Ok(_)) => continue,
-            Some(Err(e)) => return Err(format!("auth: {e}")),
-            None => return Err("auth: connection closed".to_string()),
+            Some(Err(e)) => return Err(failed(format!("auth: {e}"))),
+            None => return Err(failed("auth: connection closed".to_string())),
         }
     }
 }
@@ -554,7 +617,7 @@ async fn reach(stage: &mut watch::Receiver<Stage>, target: Stage) {
 }
 
 /// Closes politely, waiting a little for the server's close frame.
-async fn close(mut ws: Ws) {
+pub async fn close(mut ws: Ws) {
     let _ = tokio::time::timeout(Duration::from_secs(1), async {
         let _ = ws.close(None).await;
         while let Some(Ok(_)) = ws.next().await {}

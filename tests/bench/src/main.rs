@@ -9,6 +9,7 @@
 //! received exactly the triggers the 3.x delivery rule says it must.
 //! See `tests/bench/README.md`.
 
+mod admission;
 mod backend;
 mod client;
 mod procstat;
@@ -49,7 +50,7 @@ enum Command {
     ServeBackend(ServeBackendArgs),
     /// A run shaped by flags.
     Run(RunArgs),
-    /// A preset scenario (see README): idle, hot, sparse, wildcard, storm, churn.
+    /// A preset scenario (see README): idle, hot, sparse, wildcard, storm, churn, admission.
     Scenario(ScenarioArgs),
 }
 
@@ -233,6 +234,43 @@ struct ScenarioArgs {
     scale: f64,
     #[command(flatten)]
     common: CommonArgs,
+    #[command(flatten)]
+    admission: AdmissionArgs,
+}
+
+/// Flags of the `admission` scenario (a reconnect storm).
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Admission scenario")]
+struct AdmissionArgs {
+    /// Storms to run, in order: distinct (every client its own credential), shared (clients over
+    /// --users users, tabs in random order), grouped (shared, each user's tabs back to back).
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [admission::Variant::Distinct, admission::Variant::Shared])]
+    variants: Vec<admission::Variant>,
+    /// Gateway for the shared and grouped storms (one with backend.coalesce: true) [default: --url].
+    #[arg(long, value_name = "URL")]
+    coalesce_url: Option<String>,
+    /// PID of the --coalesce-url gateway [default: --server-pid when there is no --coalesce-url].
+    #[arg(long, value_name = "PID")]
+    coalesce_server_pid: Option<u32>,
+    /// Users the clients of the shared storms are shared out over [default: 500 × --scale].
+    #[arg(long)]
+    users: Option<usize>,
+    /// Bootstrap calls the bundled backend serves at once (the others wait inside it).
+    #[arg(long, default_value_t = 32)]
+    backend_capacity: usize,
+    /// Milliseconds each bootstrap call takes.
+    #[arg(long, default_value_t = 20.0)]
+    backend_delay_ms: f64,
+    /// The gateway's backend.admission.maxConcurrent: the backend must never have more calls at once
+    /// [default: --backend-capacity].
+    #[arg(long)]
+    max_concurrent: Option<u64>,
+    /// Seconds each storm may take; clients not connected by then have failed.
+    #[arg(long, default_value_t = 120.0)]
+    storm_timeout: f64,
+    /// Milliseconds of random jitter added to each Retry-After.
+    #[arg(long, default_value_t = 250.0)]
+    retry_jitter_ms: f64,
 }
 
 fn secs(s: f64) -> Duration {
@@ -346,8 +384,135 @@ async fn scenario(args: ScenarioArgs) -> Result<ExitCode, String> {
     if args.scale.is_nan() || args.scale <= 0.0 {
         return Err("--scale must be positive".into());
     }
+    if args.name == Scenario::Admission {
+        return admission_scenario(&args).await;
+    }
     let specs = scenarios::runs(args.name, args.scale);
     execute(&args.common, specs, Some((args.name, args.scale))).await
+}
+
+/// Raises the open-file limit for `needed` connections (a warning when it
+/// cannot).
+fn nofile_for(common: &CommonArgs, needed: usize) {
+    match raise_nofile(common.nofile) {
+        Ok(limit) => {
+            if (limit as usize) < needed + 64 && !common.quiet {
+                eprintln!("[bench] warning: open-file limit is {limit}, below the {needed} connections needed");
+            }
+        }
+        Err(e) => eprintln!("[bench] warning: cannot raise the open-file limit: {e}"),
+    }
+}
+
+/// The server address of `url` (which must be on loopback, or reached from
+/// `--source-base`) and the source addresses to use.
+async fn target(common: &CommonArgs, authority: &str) -> Result<(SocketAddr, Vec<IpAddr>), String> {
+    let server = tokio::net::lookup_host(authority)
+        .await
+        .map_err(|e| format!("--url: cannot resolve {authority}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("--url: {authority} resolves to nothing"))?;
+    if !server.ip().is_loopback() && common.source_base.is_none() {
+        return Err(format!(
+            "--url: {server} is not a loopback address; the bench only targets this machine \
+             (a server in a network namespace of this machine: give --source-base, an address of this side of the link)"
+        ));
+    }
+    let sources = run::source_addresses(&server, common.source_addrs, common.source_base)?;
+    if common.source_base.is_some() {
+        check_sources(&sources)?;
+    }
+    Ok((server, sources))
+}
+
+/// The `admission` scenario: one reconnect storm per variant, against the
+/// bench's own backend.
+async fn admission_scenario(args: &ScenarioArgs) -> Result<ExitCode, String> {
+    let (common, a) = (&args.common, &args.admission);
+    let progress = !common.quiet;
+    let addr = common.serve_backend.ok_or(
+        "scenario admission needs --serve-backend ADDR: the bench's own backend counts the calls the gateway makes \
+         (point the gateway's backend.url at it)",
+    )?;
+    if a.variants.is_empty() {
+        return Err("--variants: nothing to run".into());
+    }
+    let storms = scenarios::storms(&a.variants, args.scale, a.users);
+    nofile_for(common, storms.iter().map(|s| s.clients).max().unwrap_or(0));
+    let mut allowed = backend::parse_allowed(&common.allow)?;
+    if allowed.is_empty() {
+        allowed = vec![serde_json::json!({"user": "*"})];
+    }
+    let options = backend::BackendOptions {
+        capacity: Some(a.backend_capacity.max(1)),
+        delay: secs(a.backend_delay_ms / 1e3),
+        per_credential: true,
+    };
+    let backend = backend::start_with(addr, allowed, options).await?;
+    if progress {
+        eprintln!(
+            "[bench] backend on http://{}/ ({} calls at once, {} ms each)",
+            backend.addr, a.backend_capacity, a.backend_delay_ms
+        );
+    }
+    let mut reports = Vec::with_capacity(storms.len());
+    for (i, storm) in storms.iter().enumerate() {
+        let (url, server_pid) = match (&a.coalesce_url, storm.variant.shares()) {
+            (Some(url), true) => (url.as_str(), a.coalesce_server_pid),
+            _ => (
+                common.url.as_str(),
+                if storm.variant.shares() { a.coalesce_server_pid.or(common.server_pid) } else { common.server_pid },
+            ),
+        };
+        let (authority, url_prefix) = parse_url(url, "")?;
+        let (server, sources) = target(common, &authority).await?;
+        let options = admission::StormOptions {
+            url_prefix,
+            metrics_url: format!("http://{authority}/metrics"),
+            server,
+            sources,
+            server_pid,
+            connect_timeout: secs(common.connect_timeout),
+            timeout: secs(a.storm_timeout),
+            jitter: secs(a.retry_jitter_ms / 1e3),
+            max_concurrent: a.max_concurrent.unwrap_or(a.backend_capacity as u64),
+            backend_capacity: Some(a.backend_capacity),
+            backend_delay: secs(a.backend_delay_ms / 1e3),
+            seed: common.seed.wrapping_add(i as u64),
+            progress,
+        };
+        reports.push(admission::run(storm, options, &backend.stats).await?);
+        // Let the gateway settle (closed connections freed) between storms.
+        if i + 1 < storms.len() {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+    let problems: Vec<String> = reports.iter().flat_map(|r| r.problems()).collect();
+    let report = Report {
+        tool: "high-templar-bench",
+        version: env!("CARGO_PKG_VERSION"),
+        scenario: Some(Scenario::Admission.name().to_string()),
+        scale: Some(args.scale),
+        url: common.url.clone(),
+        publish: None,
+        backend_requests: Some(reports.iter().map(|r| r.backend.calls).sum()),
+        runs: Vec::new(),
+        summary: admission::summary(&reports),
+        admission: reports,
+        ok: problems.is_empty(),
+        problems,
+    };
+    print_report(&report, common.json)
+}
+
+fn print_report(report: &Report, json: bool) -> Result<ExitCode, String> {
+    if json {
+        eprint!("{}", report.text());
+        println!("{}", serde_json::to_string(report).map_err(|e| format!("JSON: {e}"))?);
+    } else {
+        print!("{}", report.text());
+    }
+    Ok(if report.ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
 /// Raises the open-file limit to `want`: soft and hard when allowed (root
@@ -415,31 +580,9 @@ async fn execute(
     preset: Option<(Scenario, f64)>,
 ) -> Result<ExitCode, String> {
     let progress = !common.quiet;
-    match raise_nofile(common.nofile) {
-        Ok(limit) => {
-            let needed: usize = specs.iter().map(|s| s.connections + s.slow_clients).max().unwrap_or(0);
-            if (limit as usize) < needed + 64 && progress {
-                eprintln!("[bench] warning: open-file limit is {limit}, below the {needed} connections needed");
-            }
-        }
-        Err(e) => eprintln!("[bench] warning: cannot raise the open-file limit: {e}"),
-    }
+    nofile_for(common, specs.iter().map(|s| s.connections + s.slow_clients).max().unwrap_or(0));
     let (authority, url) = parse_url(&common.url, &common.token)?;
-    let server = tokio::net::lookup_host(authority.as_str())
-        .await
-        .map_err(|e| format!("--url: cannot resolve {authority}: {e}"))?
-        .next()
-        .ok_or_else(|| format!("--url: {authority} resolves to nothing"))?;
-    if !server.ip().is_loopback() && common.source_base.is_none() {
-        return Err(format!(
-            "--url: {server} is not a loopback address; the bench only targets this machine \
-             (a server in a network namespace of this machine: give --source-base, an address of this side of the link)"
-        ));
-    }
-    let sources = run::source_addresses(&server, common.source_addrs, common.source_base)?;
-    if common.source_base.is_some() {
-        check_sources(&sources)?;
-    }
+    let (server, sources) = target(common, &authority).await?;
 
     // The bundled backend, when asked for.
     let backend = match common.serve_backend {
@@ -521,19 +664,14 @@ async fn execute(
         scale: preset.map(|(_, scale)| scale),
         url: common.url.clone(),
         publish: publisher.as_ref().map(|p| p.kind().to_string()),
-        backend_requests: backend.as_ref().map(|b| b.requests.load(std::sync::atomic::Ordering::Relaxed)),
+        backend_requests: backend.as_ref().map(|b| b.stats.requests.load(std::sync::atomic::Ordering::Relaxed)),
         runs: reports,
+        admission: Vec::new(),
         summary,
         ok: problems.is_empty(),
         problems,
     };
-    if common.json {
-        eprint!("{}", report.text());
-        println!("{}", serde_json::to_string(&report).map_err(|e| format!("JSON: {e}"))?);
-    } else {
-        print!("{}", report.text());
-    }
-    Ok(if report.ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    print_report(&report, common.json)
 }
 
 #[cfg(test)]
@@ -570,5 +708,10 @@ mod tests {
         let Command::Scenario(args) = cli.command else { panic!("scenario") };
         assert_eq!((args.common.source_base, args.common.source_addrs), (Some(Ipv4Addr::new(10, 203, 0, 3)), 4));
         assert!(Cli::try_parse_from(["b", "run", "--source-base", "::1"]).is_err());
+        let cli = Cli::try_parse_from(["b", "scenario", "admission", "--variants", "shared,grouped", "--users", "7"])
+            .expect("parses");
+        let Command::Scenario(args) = cli.command else { panic!("scenario") };
+        assert_eq!(args.admission.variants, vec![admission::Variant::Shared, admission::Variant::Grouped]);
+        assert_eq!((args.admission.users, args.admission.backend_capacity), (Some(7), 32));
     }
 }

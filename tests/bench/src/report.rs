@@ -257,6 +257,193 @@ impl RunReport {
     }
 }
 
+/// The bundled backend during a storm.
+#[derive(Debug, Clone, Serialize)]
+pub struct AdmissionBackend {
+    /// Bootstrap calls it answered.
+    pub calls: u64,
+    /// `calls` / `busy_seconds`.
+    pub calls_per_second: Option<f64>,
+    /// From the first call's arrival to the last answer.
+    pub busy_seconds: Option<f64>,
+    /// Most calls it had at once (waiting for one of its slots or served).
+    pub peak_concurrent: u64,
+    /// The bound `peak_concurrent` must stay within: the gateway's
+    /// `backend.admission.maxConcurrent`.
+    pub max_concurrent: u64,
+    /// Calls it serves at once (the others wait inside it).
+    pub capacity: Option<u64>,
+    /// Time per call, ms.
+    pub delay_ms: f64,
+    /// Distinct credentials it was called with.
+    pub credentials_called: u64,
+    /// Calls answered in each second of the storm.
+    pub calls_per_second_timeline: Vec<u64>,
+}
+
+/// The gateway's own counters over a storm (from its `/metrics`, when it
+/// has them).
+#[derive(Debug, Clone, Serialize)]
+pub struct AdmissionGateway {
+    /// `connections_refused_total{reason="admission_queue_full"}`.
+    pub refused_queue_full: u64,
+    /// `connections_refused_total{reason="admission_timeout"}`.
+    pub refused_timeout: u64,
+    /// `http_connections_closed_total{reason="pending_limit"}` (503 at
+    /// accept, before any request was read).
+    pub closed_pending_limit: u64,
+    /// `bootstrap_coalesced_total`: connects that shared another's call.
+    pub coalesced: u64,
+    /// `auth_total{outcome="authorized"}`.
+    pub authorized: u64,
+    /// Largest `bootstrap_in_flight` seen (sampled every 200 ms).
+    pub in_flight_max_sampled: u64,
+    /// Largest `bootstrap_queued` seen (sampled every 200 ms).
+    pub queued_max_sampled: u64,
+}
+
+/// One reconnect storm (`admission` scenario).
+#[derive(Debug, Clone, Serialize)]
+pub struct AdmissionReport {
+    /// Name.
+    pub name: String,
+    /// `distinct`, `shared` or `grouped`.
+    pub variant: String,
+    /// The gateway (token removed).
+    pub url: String,
+    /// Clients.
+    pub clients: u64,
+    /// Distinct credentials among them.
+    pub credentials: u64,
+    /// Connected and authorised.
+    pub connected: u64,
+    /// Not connected within the storm's time (or refused for good).
+    pub failed: u64,
+    /// Authorised with rooms that were not computed for their credential.
+    pub wrong_answers: u64,
+    /// From the start to the last client authorised.
+    pub seconds: f64,
+    /// `connected / seconds`.
+    pub connects_per_second: Option<f64>,
+    /// Per client: first attempt → authorised.
+    pub latency_ms: Latency,
+    /// Attempts, all clients.
+    pub attempts: u64,
+    /// Most attempts one client needed.
+    pub attempts_max: u64,
+    /// Upgrades answered 503.
+    pub refusals_503: u64,
+    /// Non-101 answers by `"<status> <first line of the body>"`.
+    pub refusals: BTreeMap<String, u64>,
+    /// `Retry-After` values received (seconds → count).
+    pub retry_after_seconds: BTreeMap<String, u64>,
+    /// Clients authorised in each second of the storm.
+    pub connected_per_second: Vec<u64>,
+    /// The bundled backend.
+    pub backend: AdmissionBackend,
+    /// The gateway's counters, if it exposes them.
+    pub gateway: Option<AdmissionGateway>,
+    /// Gateway CPU during the storm.
+    pub server_cpu_seconds: Option<f64>,
+    /// Gateway's largest RSS during the storm.
+    pub server_rss_max_kib: Option<u64>,
+    /// Other problems, by kind (each retried unless it says otherwise).
+    pub errors: BTreeMap<String, u64>,
+    /// The bench's CPU (clients and the bundled backend) until every client was done.
+    pub bench_cpu_seconds: Option<f64>,
+    /// Wall time until every client was done.
+    pub wall_seconds: f64,
+}
+
+impl AdmissionReport {
+    /// Correctness problems (empty: correct).
+    pub fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if self.failed > 0 {
+            problems.push(format!("admission {}: {}/{} clients not connected", self.name, self.failed, self.clients));
+        }
+        if self.backend.peak_concurrent > self.backend.max_concurrent {
+            problems.push(format!(
+                "admission {}: the backend had {} calls at once, over the gateway's cap of {}",
+                self.name, self.backend.peak_concurrent, self.backend.max_concurrent
+            ));
+        }
+        if self.wrong_answers > 0 {
+            problems.push(format!(
+                "admission {}: {} clients authorised with another credential's rooms",
+                self.name, self.wrong_answers
+            ));
+        }
+        problems
+    }
+}
+
+/// The storms side by side.
+fn admission_table(out: &mut String, storms: &[AdmissionReport]) {
+    let row = |out: &mut String, label: &str, f: &dyn Fn(&AdmissionReport) -> String| {
+        let _ = write!(out, "  {label:<34}");
+        for s in storms {
+            let _ = write!(out, " {:>16}", f(s));
+        }
+        let _ = writeln!(out);
+    };
+    let _ = writeln!(
+        out,
+        "
+admission storms"
+    );
+    row(out, "variant", &|s| s.name.clone());
+    row(out, "clients / credentials", &|s| format!("{}/{}", s.clients, s.credentials));
+    row(out, "connected", &|s| s.connected.to_string());
+    row(out, "seconds (to last authorised)", &|s| format!("{:.2}", s.seconds));
+    row(out, "connects/s", &|s| opt(s.connects_per_second, 0));
+    row(out, "connect p50 ms (first attempt →)", &|s| opt(s.latency_ms.p50, 0));
+    row(out, "connect p90 ms", &|s| opt(s.latency_ms.p90, 0));
+    row(out, "connect p99 ms", &|s| opt(s.latency_ms.p99, 0));
+    row(out, "connect max ms", &|s| opt(s.latency_ms.max, 0));
+    row(out, "attempts (max per client)", &|s| format!("{} ({})", s.attempts, s.attempts_max));
+    row(out, "503 refusals", &|s| s.refusals_503.to_string());
+    row(out, "backend calls", &|s| s.backend.calls.to_string());
+    row(out, "backend calls/s", &|s| opt(s.backend.calls_per_second, 0));
+    row(out, "backend peak at once (cap)", &|s| {
+        format!(
+            "{} (≤ {}){}",
+            s.backend.peak_concurrent,
+            s.backend.max_concurrent,
+            if s.backend.peak_concurrent > s.backend.max_concurrent { " OVER" } else { "" }
+        )
+    });
+    row(out, "backend credentials called", &|s| s.backend.credentials_called.to_string());
+    let gw = |f: fn(&AdmissionGateway) -> u64| {
+        move |s: &AdmissionReport| s.gateway.as_ref().map_or("-".to_string(), |g| f(g).to_string())
+    };
+    row(out, "gateway refused: queue full", &gw(|g| g.refused_queue_full));
+    row(out, "gateway refused: wait timeout", &gw(|g| g.refused_timeout));
+    row(out, "gateway closed: pending limit", &gw(|g| g.closed_pending_limit));
+    row(out, "gateway coalesced", &gw(|g| g.coalesced));
+    row(out, "gateway in flight / queued max", &|s| {
+        s.gateway.as_ref().map_or("-".to_string(), |g| format!("{}/{}", g.in_flight_max_sampled, g.queued_max_sampled))
+    });
+    row(out, "gateway CPU s", &|s| opt(s.server_cpu_seconds, 2));
+    row(out, "gateway RSS max", &|s| kib(s.server_rss_max_kib));
+    row(out, "bench CPU s (clients + backend)", &|s| opt(s.bench_cpu_seconds, 2));
+    for s in storms {
+        for (reason, n) in &s.refusals {
+            let _ = writeln!(out, "  {} refused  {n} × {reason}", s.name);
+        }
+        if !s.retry_after_seconds.is_empty() {
+            let shown: Vec<String> = s.retry_after_seconds.iter().map(|(k, v)| format!("{k}s: {v}")).collect();
+            let _ = writeln!(out, "  {} Retry-After  {}", s.name, shown.join(", "));
+        }
+        let shown = |v: &[u64]| v.iter().map(u64::to_string).collect::<Vec<_>>().join(" ");
+        let _ = writeln!(out, "  {} authorised per second  {}", s.name, shown(&s.connected_per_second));
+        let _ = writeln!(out, "  {} backend calls per second  {}", s.name, shown(&s.backend.calls_per_second_timeline));
+        for (error, n) in &s.errors {
+            let _ = writeln!(out, "  {} error    {n} × {error}", s.name);
+        }
+    }
+}
+
 /// The whole invocation's result.
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
@@ -276,6 +463,9 @@ pub struct Report {
     pub backend_requests: Option<u64>,
     /// Runs.
     pub runs: Vec<RunReport>,
+    /// Reconnect storms (`admission` scenario).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub admission: Vec<AdmissionReport>,
     /// Scenario-specific figures.
     pub summary: Value,
     /// Correctness problems (empty: zero lost, duplicated, unexpected;
@@ -424,6 +614,9 @@ impl Report {
             let _ =
                 writeln!(out, "  bench         {:.1}s wall, {}s CPU", run.wall_seconds, opt(run.bench_cpu_seconds, 2));
         }
+        if !self.admission.is_empty() {
+            admission_table(&mut out, &self.admission);
+        }
         if let Value::Object(summary) = &self.summary {
             if !summary.is_empty() {
                 let _ = writeln!(out, "\nsummary");
@@ -433,11 +626,12 @@ impl Report {
             }
         }
         let sum = |f: fn(&RunReport) -> u64| self.runs.iter().map(f).sum::<u64>();
+        let storms = |f: fn(&AdmissionReport) -> u64| self.admission.iter().map(f).sum::<u64>();
         let _ = writeln!(
             out,
             "\ntotals: {}/{} connections, {}/{} subscriptions, {}/{} deliveries, {} lost, {} duplicated, {} unexpected",
-            sum(|r| r.connections.ok),
-            sum(|r| r.connections.requested),
+            sum(|r| r.connections.ok) + storms(|s| s.connected),
+            sum(|r| r.connections.requested) + storms(|s| s.clients),
             sum(|r| r.subscriptions.ok),
             sum(|r| r.subscriptions.requested),
             sum(|r| r.deliveries.received),
@@ -446,7 +640,12 @@ impl Report {
             sum(|r| r.deliveries.duplicated),
             sum(|r| r.deliveries.unexpected),
         );
-        if self.ok {
+        if self.ok && self.runs.is_empty() && !self.admission.is_empty() {
+            let _ = writeln!(
+                out,
+                "correctness: OK (every storm client connected and authorised with its own rooms; the backend never had more calls at once than the gateway's cap)"
+            );
+        } else if self.ok {
             let _ = writeln!(
                 out,
                 "correctness: OK (no lost, duplicated or unexpected deliveries; all subscribes succeeded)"

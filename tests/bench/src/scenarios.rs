@@ -8,6 +8,7 @@ use std::time::Duration;
 use clap::ValueEnum;
 use serde_json::{Value, json};
 
+use crate::admission::{StormSpec, Variant};
 use crate::report::RunReport;
 use crate::rooms::RoomSpace;
 use crate::run::{ChurnSpec, Layout, RunSpec, StepSpec, TriggerShape};
@@ -33,6 +34,10 @@ pub enum Scenario {
     /// connect/subscribe/disconnect per s, 20 clients that stop reading;
     /// and the same without them: healthy p99, server RSS.
     Churn,
+    /// Reconnect storm: 10 000 clients at once retrying 503s, against a
+    /// backend with 32 slots; distinct credentials, then 500 users' tabs:
+    /// backend peak concurrency and calls, connect latency.
+    Admission,
 }
 
 impl Scenario {
@@ -45,6 +50,7 @@ impl Scenario {
             Scenario::Wildcard => "wildcard",
             Scenario::Storm => "storm",
             Scenario::Churn => "churn",
+            Scenario::Admission => "admission",
         }
     }
 }
@@ -67,9 +73,22 @@ fn single_room() -> TriggerShape {
     TriggerShape { rooms: 1, wildcard_share: 0.0, expand: false }
 }
 
-/// The runs of `scenario` at `scale`.
+/// The storms of the `admission` scenario at `scale`: 10 000 clients,
+/// shared out over 500 users (20 tabs each) in the sharing variants;
+/// `users` overrides the number of users.
+pub fn storms(variants: &[Variant], scale: f64, users: Option<usize>) -> Vec<StormSpec> {
+    let clients = scaled(10_000.0, scale, 10.0);
+    let users = users.unwrap_or_else(|| scaled(500.0, scale, 2.0)).clamp(1, clients);
+    variants
+        .iter()
+        .map(|&variant| StormSpec { variant, clients, users: if variant.shares() { users } else { clients } })
+        .collect()
+}
+
+/// The runs of `scenario` at `scale` (none for `admission`: see [`storms`]).
 pub fn runs(scenario: Scenario, scale: f64) -> Vec<RunSpec> {
     match scenario {
+        Scenario::Admission => Vec::new(),
         Scenario::Idle => {
             let n = scaled(20_000.0, scale, 10.0);
             vec![RunSpec {
@@ -174,9 +193,11 @@ fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
     }
 }
 
-/// The figures `scenario` exists for, from its runs.
+/// The figures `scenario` exists for, from its runs (`admission`: see
+/// [`crate::admission::summary`]).
 pub fn summary(scenario: Scenario, runs: &[RunReport]) -> Value {
     match scenario {
+        Scenario::Admission => json!({}),
         Scenario::Idle => {
             let run = &runs[0];
             json!({
@@ -285,6 +306,9 @@ mod tests {
         assert_eq!(churn[0].slow_clients, 0);
         assert_eq!(churn[1].slow_clients, 20);
         assert_eq!(churn[1].connections, 2_000);
+        let storms = storms(&[Variant::Distinct, Variant::Shared], 1.0, None);
+        assert_eq!((storms[0].clients, storms[0].users), (10_000, 10_000));
+        assert_eq!((storms[1].clients, storms[1].users), (10_000, 500));
     }
 
     #[test]
@@ -295,6 +319,9 @@ mod tests {
                 assert!(run.steps.iter().all(|s| s.duration >= Duration::from_secs(1)));
             }
         }
+        let tiny = storms(&[Variant::Distinct, Variant::Grouped], 0.0001, None);
+        assert_eq!((tiny[0].clients, tiny[0].users, tiny[1].users), (10, 10, 2));
+        assert_eq!(storms(&[Variant::Shared], 1.0, Some(20_000))[0].users, 10_000);
         let sparse = runs(Scenario::Sparse, 0.01);
         assert_eq!(sparse[0].spaces[0].size(), 1_000);
         assert_eq!(sparse[1].spaces[0].size(), 10);
