@@ -14,6 +14,7 @@ use serde_json::value::RawValue;
 
 use tracing::warn;
 
+use crate::admission::{Admission, Admitted};
 use crate::breaker::{CircuitBreaker, Permit};
 use crate::coalesce::Coalescer;
 use crate::config::{BackendConfig, seconds};
@@ -40,6 +41,10 @@ pub enum BootstrapError {
     /// Not called: the circuit breaker is open after repeated failures.
     #[error("backend unavailable: not called while the circuit breaker is open")]
     CircuitOpen,
+    /// Not called: joined an identical call that was then abandoned, and no
+    /// admission slot freed in time for a call of its own.
+    #[error("backend busy: {0}")]
+    Busy(crate::admission::Refused),
 }
 
 impl BootstrapError {
@@ -47,7 +52,9 @@ impl BootstrapError {
     pub fn close_code(&self) -> u16 {
         match self {
             BootstrapError::Denied(_) | BootstrapError::InvalidBody(_) => CLOSE_UNAUTHORIZED,
-            BootstrapError::Unavailable(_) | BootstrapError::CircuitOpen => CLOSE_TRY_AGAIN_LATER,
+            BootstrapError::Unavailable(_) | BootstrapError::CircuitOpen | BootstrapError::Busy(_) => {
+                CLOSE_TRY_AGAIN_LATER
+            }
         }
     }
 
@@ -58,6 +65,7 @@ impl BootstrapError {
             BootstrapError::InvalidBody(_) => "invalid_body",
             BootstrapError::Unavailable(_) => "unavailable",
             BootstrapError::CircuitOpen => "circuit_open",
+            BootstrapError::Busy(_) => "busy",
         }
     }
 }
@@ -187,9 +195,23 @@ impl BootstrapClient {
         }
     }
 
+    /// Whether an identical call (same forwarded `headers`) is in flight:
+    /// an upgrade that would join it needs no admission slot.
+    pub fn joins_call_in_flight(&self, headers: &ForwardedRequest) -> bool {
+        self.coalescer.as_ref().is_some_and(|c| c.is_in_flight(headers))
+    }
+
     /// Calls the backend with the forwarded `headers`, unless the circuit
-    /// breaker is open.
-    pub async fn bootstrap(&self, headers: Vec<(HeaderName, HeaderValue)>) -> Result<Vec<Room>, BootstrapError> {
+    /// breaker is open, or shares an identical call in flight. The call
+    /// runs in the admission slot `held`; without one (the upgrade expected
+    /// to join a call that has ended since), it takes one from `admission`
+    /// first.
+    pub async fn bootstrap(
+        &self,
+        headers: ForwardedRequest,
+        held: Option<Admitted>,
+        admission: &Admission,
+    ) -> Result<Vec<Room>, BootstrapError> {
         let permit = self.breaker().permit(Instant::now());
         if permit == Permit::Refused {
             self.metrics.auth.get_or_create(&Outcome { outcome: "circuit_open" }).inc();
@@ -200,11 +222,19 @@ impl BootstrapClient {
         // the breaker would stay half-open for ever.
         let mut pending = PendingCall { client: self, permit, done: false };
         let start = Instant::now();
-        let (result, shared) = match &self.coalescer {
+        let key = self.coalescer.as_ref().map(|_| headers.clone());
+        let call = async move {
+            let _slot = match held {
+                Some(slot) => slot,
+                None => admission.admit().await.map_err(BootstrapError::Busy)?,
+            };
+            self.call(headers).await
+        };
+        let (result, shared) = match (&self.coalescer, key) {
             // The key is the whole forwarded request: only the same
             // credentials share an answer.
-            Some(coalescer) => coalescer.run(headers.clone(), self.call(headers)).await,
-            None => (self.call(headers).await, false),
+            (Some(coalescer), Some(key)) => coalescer.run(key, call).await,
+            _ => (call.await, false),
         };
         pending.done = true;
         if shared {

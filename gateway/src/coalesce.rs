@@ -81,6 +81,11 @@ impl<K: Hash + Eq + Clone, V: Clone> Coalescer<K, V> {
         }
     }
 
+    /// Whether a call with `key` is in flight.
+    pub fn is_in_flight(&self, key: &K) -> bool {
+        self.lock().contains_key(key)
+    }
+
     /// Calls in flight now.
     pub fn in_flight(&self) -> usize {
         self.lock().len()

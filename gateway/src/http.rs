@@ -96,26 +96,32 @@ async fn websocket(
     if gateway.metrics.connections_open.get() >= i64::try_from(gateway.connection_limit).unwrap_or(i64::MAX) {
         return refuse("max_connections", "too many connections\n");
     }
-    // Before the 101: a refused client holds nothing, and a storm reaches
-    // the backend at the pace of the slots.
-    let admitted = match gateway.admission.admit().await {
-        Ok(admitted) => admitted,
-        Err(refused) => {
-            gateway.metrics.connections_refused.get_or_create(&Reason { reason: refused.reason() }).inc();
-            // Spread the retries of a storm over a few seconds.
-            let retry_after = 1 + rand::random::<u64>() % 5;
-            return (
-                StatusCode::SERVICE_UNAVAILABLE,
-                [(header::RETRY_AFTER, retry_after.to_string())],
-                format!("{refused}, retry later\n"),
-            )
-                .into_response();
-        }
-    };
     // Only what the forwarding rules pick is kept for the session.
     let client = client_address(&headers, peer.ip(), &gateway.config.security.trusted_proxies);
     let request = ClientRequest { headers: &headers, query: uri.query(), peer: peer.ip(), client };
     let backend_headers = gateway.forwarding.backend_headers(&request);
+    // Before the 101: a refused client holds nothing, and a storm reaches
+    // the backend at the pace of the slots.
+    // An upgrade that joins an identical call in flight (the same user's
+    // other tab) costs the backend nothing and takes no slot.
+    let admitted = if gateway.backend.joins_call_in_flight(&backend_headers) {
+        None
+    } else {
+        match gateway.admission.admit().await {
+            Ok(admitted) => Some(admitted),
+            Err(refused) => {
+                gateway.metrics.connections_refused.get_or_create(&Reason { reason: refused.reason() }).inc();
+                // Spread the retries of a storm over a few seconds.
+                let retry_after = 1 + rand::random::<u64>() % 5;
+                return (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    [(header::RETRY_AFTER, retry_after.to_string())],
+                    format!("{refused}, retry later\n"),
+                )
+                    .into_response();
+            }
+        }
+    };
     let max = gateway.config.limits.max_message_bytes;
     let tracker = gateway.sessions.clone();
     upgrade

@@ -45,9 +45,18 @@ pub const MAX_HEAD_BYTES: usize = 64 * 1024;
 /// `EMFILE`): accepting again at once would spin.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 
-/// Sent to a connection past the pending limit, then closed.
-const BUSY_RESPONSE: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nretry-after: 1\r\ncontent-type: text/plain\r\n\
-content-length: 22\r\nconnection: close\r\n\r\ntoo many connections\r\n";
+/// Sent to a connection past the pending limit, then closed; the
+/// `Retry-After` is 1–5 s at random, so refused clients do not come back in
+/// step.
+fn busy_response() -> String {
+    let body = "too many pending connections\n";
+    format!(
+        "HTTP/1.1 503 Service Unavailable\r\nretry-after: {}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\
+         connection: close\r\n\r\n{body}",
+        1 + rand::random::<u32>() % 5,
+        body.len()
+    )
+}
 
 /// Connections not yet upgraded a process serves at once: the configured
 /// `limits.maxPendingConnections`, and at most half the file-descriptor
@@ -139,7 +148,7 @@ impl Listener {
         let Ok(permit) = self.pending.clone().try_acquire_owned() else {
             closed(&self.gateway.metrics, "pending_limit");
             // Best effort, never waits: the descriptor is freed at once.
-            let _ = tcp.try_write(BUSY_RESPONSE);
+            let _ = tcp.try_write(busy_response().as_bytes());
             return;
         };
         let stream = ServedStream::new(tcp, self.lingering.clone());

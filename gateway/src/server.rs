@@ -45,6 +45,19 @@ pub enum StartError {
     },
 }
 
+/// Connections the kernel queues before they are accepted (capped by
+/// `net.core.somaxconn`). The standard library's 128 overflows in a
+/// reconnect storm, and each overflowed connect waits a 1 s SYN retransmit.
+const LISTEN_BACKLOG: u32 = 4096;
+
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    // As std's bind does: a restarted gateway rebinds despite TIME_WAIT.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// A bound, not yet serving, gateway.
 pub struct Server {
     /// The bound listener.
@@ -88,7 +101,7 @@ impl Server {
         }
         metrics.connections_limit.set(i64::try_from(connection_limit).unwrap_or(i64::MAX));
         let addr = config.listen.0;
-        let listener = TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })?;
+        let listener = listen(addr).map_err(|source| StartError::Bind { addr, source })?;
         let admission = crate::admission::Admission::new(
             &config.backend.admission,
             metrics.bootstrap_in_flight.clone(),

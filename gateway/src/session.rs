@@ -383,7 +383,7 @@ fn read_error(e: &axum::Error) -> Stop {
 pub fn run(
     socket: WebSocket,
     gateway: Arc<Gateway>,
-    admitted: Admitted,
+    admitted: Option<Admitted>,
     backend_headers: Vec<(HeaderName, HeaderValue)>,
     peer: SocketAddr,
 ) -> impl Future<Output = ()> + Send {
@@ -393,7 +393,7 @@ pub fn run(
 async fn serve(
     mut socket: Box<WebSocket>,
     gateway: Arc<Gateway>,
-    admitted: Admitted,
+    admitted: Option<Admitted>,
     backend_headers: Vec<(HeaderName, HeaderValue)>,
     peer: SocketAddr,
 ) {
@@ -408,10 +408,7 @@ async fn serve(
     // allocation for the whole life of the connection.
     // The admission slot is held for the call only (inside the box, so it
     // does not size the task).
-    let bootstrap = async {
-        let _admitted = admitted;
-        gateway.backend.bootstrap(backend_headers).await
-    };
+    let bootstrap = gateway.backend.bootstrap(backend_headers, admitted, &gateway.admission);
     let allowed = match Box::pin(bootstrap).await {
         Ok(allowed) => allowed,
         Err(e) => {

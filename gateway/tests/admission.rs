@@ -18,8 +18,8 @@ enum Outcome {
     Refused(u16, Option<u64>),
 }
 
-async fn connect(gw: &TestGateway) -> Outcome {
-    match Client::connect(&gw.ws_url(Some("storm")), &[]).await {
+async fn connect(gw: &TestGateway, token: &str) -> Outcome {
+    match Client::connect(&gw.ws_url(Some(token)), &[]).await {
         Ok(mut c) => {
             assert_eq!(c.recv_json().await["is_authorized"], json!(true));
             Outcome::Authorized
@@ -32,8 +32,8 @@ async fn connect(gw: &TestGateway) -> Outcome {
     }
 }
 
-async fn storm(gw: &TestGateway, clients: usize) -> Vec<Outcome> {
-    let attempts: Vec<_> = (0..clients).map(|_| connect(gw)).collect();
+async fn storm(gw: &TestGateway, clients: usize, token: &str) -> Vec<Outcome> {
+    let attempts: Vec<_> = (0..clients).map(|_| connect(gw, token)).collect();
     futures_util::future::join_all(attempts).await
 }
 
@@ -46,11 +46,11 @@ async fn a_storm_reaches_the_backend_at_most_max_concurrent_at_once() {
     )
     .await;
     // 12 fit: 4 in flight, 8 waiting.
-    let outcomes = storm(&gw, 12).await;
+    let outcomes = storm(&gw, 12, "storm").await;
     assert!(outcomes.iter().all(|o| *o == Outcome::Authorized), "{outcomes:?}");
     assert_eq!(backend.max_in_flight(), 4, "the cap is reached and held");
     // 30 at once: 12 are served, the others refused at once with a retry hint.
-    let outcomes = storm(&gw, 30).await;
+    let outcomes = storm(&gw, 30, "storm").await;
     let authorized = outcomes.iter().filter(|o| **o == Outcome::Authorized).count();
     let refused: Vec<_> = outcomes.iter().filter(|o| **o != Outcome::Authorized).collect();
     assert_eq!(authorized, 12, "{outcomes:?}");
@@ -73,7 +73,7 @@ async fn an_upgrade_waits_at_most_max_wait_seconds() {
     )
     .await;
     let started = std::time::Instant::now();
-    let outcomes = storm(&gw, 3).await;
+    let outcomes = storm(&gw, 3, "storm").await;
     let refused = outcomes.iter().filter(|o| matches!(o, Outcome::Refused(503, Some(_)))).count();
     assert_eq!(refused, 2, "{outcomes:?}");
     assert!(outcomes.contains(&Outcome::Authorized), "{outcomes:?}");
@@ -169,4 +169,31 @@ async fn coalescing_can_be_turned_off() {
     let tabs: Vec<_> = (0..5).map(|_| gw.client("alice")).collect();
     futures_util::future::join_all(tabs).await;
     assert_eq!(backend.seen().len(), 5);
+}
+
+/// A tab that joins its user's call in flight takes no admission slot: with
+/// one slot and no queue, nine more tabs are served by the first one's call
+/// instead of being refused.
+#[tokio::test]
+async fn joining_a_call_in_flight_takes_no_slot() {
+    let backend = TestBackend::new().answer("alice", Answer::rooms(json!([])).delayed(Duration::from_millis(800)));
+    let gw = TestGateway::with_backend(
+        &backend,
+        "backend: {admission: {maxConcurrent: 1, maxQueued: 0, maxWaitSeconds: 0}}",
+    )
+    .await;
+    let first = tokio::spawn({
+        let url = gw.ws_url(Some("alice"));
+        async move {
+            let mut c = Client::connect(&url, &[]).await.expect("first tab");
+            c.recv_json().await
+        }
+    });
+    let metrics = gw.gateway.metrics.clone();
+    common::eventually("the first tab's call in flight", || async { metrics.bootstrap_in_flight.get() == 1 }).await;
+    let outcomes = storm(&gw, 9, "alice").await;
+    assert!(outcomes.iter().all(|o| *o == Outcome::Authorized), "{outcomes:?}");
+    assert_eq!(first.await.expect("first")["is_authorized"], json!(true));
+    assert_eq!(backend.seen().len(), 1);
+    assert_eq!(gw.metric("hightemplar_bootstrap_coalesced_total").await, 9.0);
 }
