@@ -109,7 +109,18 @@ impl Trigger {
     /// The trigger as a JSON body, for publishing to the broker.
     pub fn to_body(&self) -> Vec<u8> {
         let rooms: Vec<Value> = self.rooms.iter().map(Room::to_json).collect();
-        json!({"rooms": rooms, "data": &self.data}).to_string().into_bytes()
+        // `data` is copied as written: turning it into a `Value` (as `json!`
+        // does) would parse it again, and panic past serde_json's nesting
+        // limit (found by fuzzing: `data` nested 128 deep).
+        let data = self.data.get();
+        let mut body = Vec::with_capacity(data.len() + 64);
+        body.extend_from_slice(br#"{"rooms":"#);
+        // Writing a `Value` into a `Vec` cannot fail.
+        let _ = serde_json::to_writer(&mut body, &rooms);
+        body.extend_from_slice(br#","data":"#);
+        body.extend_from_slice(data.as_bytes());
+        body.push(b'}');
+        body
     }
 }
 
@@ -121,6 +132,19 @@ mod tests {
         fn parse_(body: &[u8]) -> Result<Trigger, InvalidTrigger> {
             Trigger::parse(body, 1000)
         }
+    }
+
+    /// Found by fuzzing (fuzz/seeds/trigger/deep-data.json): `to_body`
+    /// panicked on `data` nested deeper than serde_json re-parses.
+    #[test]
+    fn deeply_nested_data_is_republished_as_written() {
+        let data = format!("{}{}", "[".repeat(130), "]".repeat(130));
+        let body = format!(r#"{{"rooms":[{{"a":1}}],"data":{data}}}"#);
+        let trigger = Trigger::parse_(body.as_bytes()).expect("parses");
+        let republished = trigger.to_body();
+        let again = Trigger::parse_(&republished).expect("parses again");
+        assert_eq!(again.data.get(), data);
+        assert_eq!(again.rooms, trigger.rooms);
     }
 
     #[test]
