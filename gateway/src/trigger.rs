@@ -5,8 +5,8 @@
 //! into publish frames exactly once and never re-encoded.
 
 use serde::Deserialize;
+use serde_json::Value;
 use serde_json::value::RawValue;
-use serde_json::{Value, json};
 
 use crate::room::{InvalidRoom, InvalidRoomList, Room, parse_room_list};
 
@@ -127,6 +127,7 @@ impl Trigger {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     impl Trigger {
         fn parse_(body: &[u8]) -> Result<Trigger, InvalidTrigger> {
