@@ -146,6 +146,9 @@ mod tests {
         let again = Trigger::parse_(&republished).expect("parses again");
         assert_eq!(again.data.get(), data);
         assert_eq!(again.rooms, trigger.rooms);
+        // The same for a number no f64 holds (fuzz/seeds/trigger/huge-number.json).
+        let trigger = Trigger::parse_(br#"{"rooms":[{"a":1}],"data":{"x":1e400}}"#).expect("parses");
+        assert_eq!(Trigger::parse_(&trigger.to_body()).expect("parses again").data.get(), r#"{"x":1e400}"#);
     }
 
     #[test]
