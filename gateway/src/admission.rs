@@ -5,7 +5,6 @@
 //! serves instead of all at once, and a refused client holds nothing.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use prometheus_client::metrics::gauge::Gauge;
@@ -54,15 +53,13 @@ impl Drop for Admitted {
 pub struct Admission {
     /// One permit per call in flight.
     slots: Arc<Semaphore>,
-    /// Upgrades waiting now.
-    waiting: AtomicUsize,
     /// Waiting upgrades allowed.
     max_queued: usize,
     /// Longest wait.
     max_wait: Duration,
     /// Calls in flight (exposed).
     in_flight: Gauge,
-    /// Upgrades waiting (exposed).
+    /// Upgrades waiting now (exposed; also the count the queue bound checks).
     queued: Gauge,
 }
 
@@ -71,7 +68,6 @@ struct Waiting<'a>(&'a Admission);
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
-        self.0.waiting.fetch_sub(1, Ordering::Relaxed);
         self.0.queued.dec();
     }
 }
@@ -82,7 +78,6 @@ impl Admission {
     pub fn new(config: &AdmissionConfig, in_flight: Gauge, queued: Gauge) -> Admission {
         Admission {
             slots: Arc::new(Semaphore::new(config.max_concurrent)),
-            waiting: AtomicUsize::new(0),
             max_queued: config.max_queued,
             max_wait: crate::config::seconds(config.max_wait_seconds),
             in_flight,
@@ -100,12 +95,11 @@ impl Admission {
         if let Ok(permit) = self.slots.clone().try_acquire_owned() {
             return Ok(self.admitted(permit));
         }
-        if self.waiting.fetch_add(1, Ordering::Relaxed) >= self.max_queued {
-            self.waiting.fetch_sub(1, Ordering::Relaxed);
+        // `inc` returns the count before this upgrade joined.
+        let _waiting = Waiting(self);
+        if usize::try_from(self.queued.inc()).unwrap_or(usize::MAX) >= self.max_queued {
             return Err(Refused::QueueFull);
         }
-        self.queued.inc();
-        let _waiting = Waiting(self);
         match tokio::time::timeout(self.max_wait, self.slots.clone().acquire_owned()).await {
             Ok(Ok(permit)) => Ok(self.admitted(permit)),
             // The semaphore is never closed; a closed one refuses too.
@@ -115,7 +109,7 @@ impl Admission {
 
     /// Upgrades waiting now.
     pub fn queued(&self) -> usize {
-        self.waiting.load(Ordering::Relaxed)
+        usize::try_from(self.queued.get()).unwrap_or(0)
     }
 }
 

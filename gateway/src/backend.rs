@@ -212,12 +212,16 @@ impl BootstrapClient {
         held: Option<Admitted>,
         admission: &Admission,
     ) -> Result<Vec<Room>, BootstrapError> {
-        let permit = self.breaker().permit(Instant::now());
+        let (permit, state) = {
+            let mut breaker = self.breaker();
+            (breaker.permit(Instant::now()), breaker.state())
+        };
+        // `permit` may have moved it from open to half-open.
+        self.metrics.backend_circuit_state.set(state.gauge());
         if permit == Permit::Refused {
             self.metrics.auth.get_or_create(&Outcome { outcome: "circuit_open" }).inc();
             return Err(BootstrapError::CircuitOpen);
         }
-        self.metrics.backend_circuit_state.set(self.circuit().gauge());
         // A probe abandoned half-way (the client left) counts as failed, or
         // the breaker would stay half-open for ever.
         let mut pending = PendingCall { client: self, permit, done: false };
