@@ -31,6 +31,9 @@ pub const READ_BUFFER_BYTES: usize = 256;
 /// publish frames is flushed at its end regardless.
 pub const WRITE_BUFFER_BYTES: usize = 16 * 1024;
 
+/// Longest a `POST /trigger` waits for the broker's confirm.
+const PUBLISH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The router of one gateway process.
 pub fn router(gateway: Arc<Gateway>) -> Router {
     Router::new()
@@ -193,7 +196,16 @@ async fn trigger(State(gateway): State<Arc<Gateway>>, headers: HeaderMap, body: 
     };
     gateway.metrics.triggers.get_or_create(&TriggerSource { source: "http" }).inc();
     let rooms = trigger.rooms.len();
-    match gateway.broker.publish(trigger).await {
+    // A broker that stops confirming (memory alarm, flow control) must not
+    // hold the request, and its pending-connection slot, for ever.
+    let Ok(published) = tokio::time::timeout(PUBLISH_TIMEOUT, gateway.broker.publish(trigger)).await else {
+        warn!(timeout_s = PUBLISH_TIMEOUT.as_secs(), "trigger not confirmed by the broker in time");
+        return json_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the broker did not confirm the trigger in time; it may still be delivered",
+        );
+    };
+    match published {
         Ok(()) => {
             // One line per trigger is too many at production rates.
             debug!(rooms, "trigger accepted");
