@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{Answer, Client, TestBackend, TestGateway};
+use common::{Answer, Client, RawSocket, TestBackend, TestGateway};
 use serde_json::json;
 use tokio_tungstenite::tungstenite::Error as WsError;
 
@@ -116,69 +116,6 @@ async fn clients_cannot_choose_the_address_the_backend_sees() {
     assert_eq!(seen[0].get("x-real-ip").and_then(|v| v.to_str().ok()), Some("127.0.0.1"));
 }
 
-/// A websocket opened by hand over raw TCP, to send frames no client
-/// library would.
-struct RawSocket(tokio::net::TcpStream);
-
-impl RawSocket {
-    async fn open(gw: &TestGateway) -> RawSocket {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut s = tokio::net::TcpStream::connect(gw.addr).await.expect("connect");
-        let request = format!(
-            "GET /ws/?token=mallory HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-            gw.addr
-        );
-        s.write_all(request.as_bytes()).await.expect("upgrade request");
-        let mut head = Vec::new();
-        while !head.ends_with(b"\r\n\r\n") {
-            let mut b = [0u8; 1];
-            s.read_exact(&mut b).await.expect("upgrade response");
-            head.push(b[0]);
-        }
-        assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
-        let mut raw = RawSocket(s);
-        let (opcode, auth) = raw.frame().await.expect("the authorisation frame");
-        assert_eq!(opcode, 1, "{}", String::from_utf8_lossy(&auth));
-        raw
-    }
-
-    /// The next frame from the gateway (servers do not mask): opcode and payload.
-    async fn frame(&mut self) -> Option<(u8, Vec<u8>)> {
-        use tokio::io::AsyncReadExt;
-        let mut h = [0u8; 2];
-        self.0.read_exact(&mut h).await.ok()?;
-        let len = match h[1] & 0x7f {
-            126 => {
-                let mut l = [0u8; 2];
-                self.0.read_exact(&mut l).await.ok()?;
-                u64::from(u16::from_be_bytes(l))
-            }
-            127 => {
-                let mut l = [0u8; 8];
-                self.0.read_exact(&mut l).await.ok()?;
-                u64::from_be_bytes(l)
-            }
-            n => u64::from(n),
-        };
-        let mut payload = vec![0u8; usize::try_from(len).ok()?];
-        self.0.read_exact(&mut payload).await.ok()?;
-        Some((h[0] & 0x0f, payload))
-    }
-
-    /// Sends raw bytes, then returns the close code the gateway sent, if any.
-    async fn close_code_after(mut self, bytes: &[u8]) -> Option<u16> {
-        use tokio::io::AsyncWriteExt;
-        self.0.write_all(bytes).await.expect("send");
-        loop {
-            let (opcode, payload) = tokio::time::timeout(common::WAIT, self.frame()).await.expect("an answer")?;
-            if opcode == 8 {
-                return (payload.len() >= 2).then(|| u16::from_be_bytes([payload[0], payload[1]]));
-            }
-        }
-    }
-}
-
 /// A masked client frame: `first` byte (FIN, RSV, opcode), payload.
 fn masked(first: u8, payload: &[u8]) -> Vec<u8> {
     let mask = [0x37, 0xfa, 0x21, 0x3d];
@@ -207,14 +144,14 @@ async fn protocol_violations_get_their_close_codes() {
         ("text that is not UTF-8", masked(0x81, &[0xff, 0xfe, 0xfd]), 1007),
     ];
     for (what, bytes, code) in &cases {
-        let raw = RawSocket::open(&gw).await;
+        let raw = RawSocket::open(&gw, "mallory").await;
         assert_eq!(raw.close_code_after(bytes).await, Some(*code), "{what}");
     }
     let counted = gw.metric(r#"hightemplar_disconnects_total{reason="protocol_error"}"#).await
         + gw.metric(r#"hightemplar_disconnects_total{reason="invalid_utf8"}"#).await;
     assert_eq!(counted, cases.len() as f64);
     // A well-formed masked frame still works on a raw socket.
-    let mut raw = RawSocket::open(&gw).await;
+    let mut raw = RawSocket::open(&gw, "mallory").await;
     use tokio::io::AsyncWriteExt;
     raw.0.write_all(&masked(0x81, b"ping")).await.expect("send");
     assert_eq!(raw.frame().await, Some((1, b"pong".to_vec())));

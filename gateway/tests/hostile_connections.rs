@@ -8,7 +8,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Answer, Client, TestBackend, TestGateway};
+use common::{Answer, Client, RawSocket, TestBackend, TestGateway};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -173,20 +173,6 @@ async fn trickle(s: &mut TcpStream, mut bytes: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Reads one unmasked server frame: opcode and payload.
-async fn read_frame(s: &mut TcpStream) -> std::io::Result<(u8, Vec<u8>)> {
-    let mut h = [0u8; 2];
-    s.read_exact(&mut h).await?;
-    let len = match h[1] & 0x7f {
-        126 => u64::from(s.read_u16().await?),
-        127 => s.read_u64().await?,
-        n => u64::from(n),
-    };
-    let mut payload = vec![0u8; usize::try_from(len).expect("frame length")];
-    s.read_exact(&mut payload).await?;
-    Ok((h[0] & 0x0f, payload))
-}
-
 /// A message over `limits.maxMessageBytes` is answered with a 1009 close
 /// frame that reaches the client, although the client was still sending.
 #[tokio::test]
@@ -194,28 +180,15 @@ async fn an_oversize_message_gets_its_1009_close_frame() {
     let gw = TestGateway::with_backend(&backend(), "").await;
     let payload_len: u64 = 2 << 20;
     for attempt in 0..4 {
-        let mut s = TcpStream::connect(gw.addr).await.expect("connect");
-        let request = format!(
-            "GET /ws/?token=alice HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-            gw.addr
-        );
-        s.write_all(request.as_bytes()).await.expect("upgrade request");
-        let mut head = Vec::new();
-        while !head.ends_with(b"\r\n\r\n") {
-            head.push(s.read_u8().await.expect("upgrade response"));
-        }
-        assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
-        let (opcode, _) = read_frame(&mut s).await.expect("the authorisation frame");
-        assert_eq!(opcode, 1);
+        let mut raw = RawSocket::open(&gw, "alice").await;
         // One masked text frame of 2 MiB.
         let mut frame = vec![0x81, 0x80 | 127];
         frame.extend(payload_len.to_be_bytes());
         frame.extend([1, 2, 3, 4]);
         frame.resize(frame.len() + payload_len as usize, b'[');
-        let sent = trickle(&mut s, &frame).await;
+        let sent = trickle(&mut raw.0, &frame).await;
         assert!(sent.is_ok(), "attempt {attempt}: the gateway reset the connection: {sent:?}");
-        let (opcode, payload) = read_frame(&mut s).await.expect("a close frame");
+        let (opcode, payload) = raw.frame().await.expect("a close frame");
         assert_eq!(opcode, 8, "attempt {attempt}");
         assert_eq!(u16::from_be_bytes([payload[0], payload[1]]), 1009, "attempt {attempt}");
     }

@@ -509,3 +509,67 @@ pub async fn stderr_of(child: &mut tokio::process::Child) -> String {
     child.stderr.take().expect("stderr piped").read_to_string(&mut logs).await.expect("read stderr");
     logs
 }
+
+/// A websocket opened by hand over raw TCP, to send frames no client
+/// library would.
+pub struct RawSocket(pub tokio::net::TcpStream);
+
+impl RawSocket {
+    /// Upgrades with `token` and reads the authorisation frame.
+    pub async fn open(gw: &TestGateway, token: &str) -> RawSocket {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(gw.addr).await.expect("connect");
+        let request = format!(
+            "GET /ws/?token={token} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+            gw.addr
+        );
+        s.write_all(request.as_bytes()).await.expect("upgrade request");
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            let mut b = [0u8; 1];
+            s.read_exact(&mut b).await.expect("upgrade response");
+            head.push(b[0]);
+        }
+        assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+        let mut raw = RawSocket(s);
+        let (opcode, auth) = raw.frame().await.expect("the authorisation frame");
+        assert_eq!(opcode, 1, "{}", String::from_utf8_lossy(&auth));
+        raw
+    }
+
+    /// The next frame from the gateway (servers do not mask): opcode and payload.
+    pub async fn frame(&mut self) -> Option<(u8, Vec<u8>)> {
+        use tokio::io::AsyncReadExt;
+        let mut h = [0u8; 2];
+        self.0.read_exact(&mut h).await.ok()?;
+        let len = match h[1] & 0x7f {
+            126 => {
+                let mut l = [0u8; 2];
+                self.0.read_exact(&mut l).await.ok()?;
+                u64::from(u16::from_be_bytes(l))
+            }
+            127 => {
+                let mut l = [0u8; 8];
+                self.0.read_exact(&mut l).await.ok()?;
+                u64::from_be_bytes(l)
+            }
+            n => u64::from(n),
+        };
+        let mut payload = vec![0u8; usize::try_from(len).ok()?];
+        self.0.read_exact(&mut payload).await.ok()?;
+        Some((h[0] & 0x0f, payload))
+    }
+
+    /// Sends raw bytes, then returns the close code the gateway sent, if any.
+    pub async fn close_code_after(mut self, bytes: &[u8]) -> Option<u16> {
+        use tokio::io::AsyncWriteExt;
+        self.0.write_all(bytes).await.expect("send");
+        loop {
+            let (opcode, payload) = tokio::time::timeout(WAIT, self.frame()).await.expect("an answer")?;
+            if opcode == 8 {
+                return (payload.len() >= 2).then(|| u16::from_be_bytes([payload[0], payload[1]]));
+            }
+        }
+    }
+}
