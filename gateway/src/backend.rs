@@ -18,6 +18,7 @@ use crate::admission::{Admission, Admitted};
 use crate::breaker::{CircuitBreaker, Permit};
 use crate::coalesce::Coalescer;
 use crate::config::{BackendConfig, seconds};
+use crate::identity::{UserId, UserPath};
 use crate::metrics::{Metrics, Outcome};
 use crate::room::{InvalidRoomList, Room, parse_room_list};
 
@@ -70,8 +71,28 @@ impl BootstrapError {
     }
 }
 
-/// The headers a bootstrap call sends: the coalescing key.
+/// The headers a bootstrap call sends.
 type ForwardedRequest = Vec<(HeaderName, HeaderValue)>;
+
+/// The coalescing key: the whole forwarded request, and the generation of
+/// the call (0 for connects, a control message's for its refreshes), so a
+/// refresh never shares an answer from a call that started before it was
+/// asked for.
+type CallKey = (u64, ForwardedRequest);
+
+/// Generation of the calls of new connections.
+pub const CONNECT: u64 = 0;
+/// Generation of periodic refreshes (`permissions.refreshSeconds`).
+pub const PERIODIC: u64 = u64::MAX;
+
+/// What a bootstrap answer grants.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bootstrap {
+    /// Rooms the user may subscribe to.
+    pub allowed: Vec<Room>,
+    /// The user, at `permissions.userPath` (when configured and present).
+    pub user: Option<UserId>,
+}
 
 /// Client for the backend's bootstrap endpoint.
 pub struct BootstrapClient {
@@ -88,7 +109,9 @@ pub struct BootstrapClient {
     /// Stops calls to a failing backend.
     breaker: std::sync::Mutex<CircuitBreaker>,
     /// Identical concurrent requests share one call (`backend.coalesce`).
-    coalescer: Option<Coalescer<ForwardedRequest, Result<Vec<Room>, BootstrapError>>>,
+    coalescer: Option<Coalescer<CallKey, Result<Bootstrap, BootstrapError>>>,
+    /// `permissions.userPath`.
+    user_path: Option<UserPath>,
 }
 
 /// Why the client cannot be built.
@@ -163,7 +186,14 @@ impl BootstrapClient {
             max_allowed_rooms: config.max_allowed_rooms,
             breaker: std::sync::Mutex::new(CircuitBreaker::new(&config.circuit_breaker)),
             coalescer: config.coalesce.then(Coalescer::default),
+            user_path: None,
         })
+    }
+
+    /// Reads the user identity of each answer at `path`.
+    pub fn with_user_path(mut self, path: Option<UserPath>) -> BootstrapClient {
+        self.user_path = path;
+        self
     }
 
     /// The bootstrap URL.
@@ -198,20 +228,22 @@ impl BootstrapClient {
     /// Whether an identical call (same forwarded `headers`) is in flight:
     /// an upgrade that would join it needs no admission slot.
     pub fn joins_call_in_flight(&self, headers: &ForwardedRequest) -> bool {
-        self.coalescer.as_ref().is_some_and(|c| c.is_in_flight(headers))
+        self.coalescer.as_ref().is_some_and(|c| c.is_in_flight(&(CONNECT, headers.clone())))
     }
 
     /// Calls the backend with the forwarded `headers`, unless the circuit
     /// breaker is open, or shares an identical call in flight. The call
     /// runs in the admission slot `held`; without one (the upgrade expected
     /// to join a call that has ended since), it takes one from `admission`
-    /// first.
+    /// first. Calls of the same `generation` ([`CONNECT`], [`PERIODIC`], a
+    /// control message's) with the same headers may share one execution.
     pub async fn bootstrap(
         &self,
         headers: ForwardedRequest,
         held: Option<Admitted>,
         admission: &Admission,
-    ) -> Result<Vec<Room>, BootstrapError> {
+        generation: u64,
+    ) -> Result<Bootstrap, BootstrapError> {
         let (permit, state) = {
             let mut breaker = self.breaker();
             (breaker.permit(Instant::now()), breaker.state())
@@ -226,7 +258,7 @@ impl BootstrapClient {
         // the breaker would stay half-open for ever.
         let mut pending = PendingCall { client: self, permit, done: false };
         let start = Instant::now();
-        let key = self.coalescer.as_ref().map(|_| headers.clone());
+        let key = self.coalescer.as_ref().map(|_| (generation, headers.clone()));
         let call = async move {
             let _slot = match held {
                 Some(slot) => slot,
@@ -277,7 +309,7 @@ impl Drop for PendingCall<'_> {
 }
 
 impl BootstrapClient {
-    async fn call(&self, headers: Vec<(HeaderName, HeaderValue)>) -> Result<Vec<Room>, BootstrapError> {
+    async fn call(&self, headers: Vec<(HeaderName, HeaderValue)>) -> Result<Bootstrap, BootstrapError> {
         let mut request = self.client.get(self.url.clone());
         for (name, value) in headers {
             request = request.header(name, value);
@@ -299,7 +331,10 @@ impl BootstrapClient {
             }
             body.extend_from_slice(&chunk);
         }
-        parse_bootstrap(&body, self.max_allowed_rooms)
+        let allowed = parse_bootstrap(&body, self.max_allowed_rooms)?;
+        // A valid answer is a JSON object, so also UTF-8.
+        let user = self.user_path.as_ref().and_then(|path| path.find(std::str::from_utf8(&body).ok()?));
+        Ok(Bootstrap { allowed, user })
     }
 }
 

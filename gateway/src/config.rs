@@ -45,6 +45,8 @@ pub struct Config {
     pub client_status: ClientStatusConfig,
     /// Who may connect: browser origins.
     pub security: SecurityConfig,
+    /// Live permissions: user identity and refreshes.
+    pub permissions: PermissionsConfig,
 }
 
 /// A listen address, default `0.0.0.0:8080`.
@@ -306,6 +308,21 @@ impl Default for ShutdownConfig {
     }
 }
 
+/// Live permissions (docs/protocol.md "Control messages").
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct PermissionsConfig {
+    /// Where the user identity is in the bootstrap answer, as object keys
+    /// joined by `.` (`user.id`; 3.x Django settings name `user.data.id`).
+    /// Unset: connections have no identity, and control messages reach
+    /// them by `subscribed` only.
+    pub user_path: Option<String>,
+    /// Re-run bootstrap for every connection about this often (±20 %,
+    /// through admission), dropping subscriptions no longer permitted.
+    /// 0 (the default): only when a `refresh` control message asks.
+    pub refresh_seconds: f64,
+}
+
 /// The client `status` frame.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
@@ -460,6 +477,13 @@ impl Config {
         at_least_one("backend.maxBodyBytes", self.backend.max_body_bytes)?;
         if !(self.trigger.body_timeout_seconds > 0.0 && self.trigger.body_timeout_seconds <= 3600.0) {
             return Err(invalid("trigger.bodyTimeoutSeconds", "must be more than 0 and at most 3600"));
+        }
+        if let Some(path) = &self.permissions.user_path {
+            crate::identity::UserPath::parse(path).map_err(|e| invalid("permissions.userPath", &e.to_string()))?;
+        }
+        let refresh = self.permissions.refresh_seconds;
+        if !(refresh == 0.0 || (refresh >= 1.0 && refresh < 1e9)) {
+            return Err(invalid("permissions.refreshSeconds", "must be 0 (off) or at least 1"));
         }
         crate::origin::OriginPolicy::new(&self.security.allowed_origins)
             .map_err(|e| invalid("security.allowedOrigins", &e.to_string()))?;

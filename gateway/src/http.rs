@@ -19,7 +19,7 @@ use crate::forwarding::{ClientRequest, client_address};
 use crate::gateway::Gateway;
 use crate::metrics::{Reason, TriggerSource};
 use crate::session;
-use crate::trigger::Trigger;
+use crate::trigger::Published;
 
 /// Read buffer per websocket, kept for the connection's whole life; larger
 /// client messages still work (the buffer grows for them), up to
@@ -187,18 +187,20 @@ async fn trigger(State(gateway): State<Arc<Gateway>>, headers: HeaderMap, body: 
             return json_error(StatusCode::BAD_REQUEST, "could not read the request body");
         }
     };
-    let trigger = match Trigger::parse(&bytes, gateway.config.trigger.max_rooms) {
-        Ok(t) => t,
+    let message = match Published::parse_within(&bytes, gateway.config.trigger.limits()) {
+        Ok(message) => message,
         Err(e) => {
             reject(e.reason());
             return json_error(StatusCode::BAD_REQUEST, e.to_string());
         }
     };
-    gateway.metrics.triggers.get_or_create(&TriggerSource { source: "http" }).inc();
-    let rooms = trigger.rooms.len();
+    if let Published::Trigger(_) = message {
+        gateway.metrics.triggers.get_or_create(&TriggerSource { source: "http" }).inc();
+    }
+    let kind = message.kind();
     // A broker that stops confirming (memory alarm, flow control) must not
     // hold the request, and its pending-connection slot, for ever.
-    let Ok(published) = tokio::time::timeout(PUBLISH_TIMEOUT, gateway.broker.publish(trigger)).await else {
+    let Ok(published) = tokio::time::timeout(PUBLISH_TIMEOUT, gateway.broker.publish(message)).await else {
         warn!(timeout_s = PUBLISH_TIMEOUT.as_secs(), "trigger not confirmed by the broker in time");
         return json_error(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -208,7 +210,7 @@ async fn trigger(State(gateway): State<Arc<Gateway>>, headers: HeaderMap, body: 
     match published {
         Ok(()) => {
             // One line per trigger is too many at production rates.
-            debug!(rooms, "trigger accepted");
+            debug!(kind, "trigger accepted");
             (StatusCode::ACCEPTED, axum::Json(json!({"status": "accepted"}))).into_response()
         }
         Err(e) => {

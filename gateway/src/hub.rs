@@ -1,44 +1,25 @@
 //! The `Hub`: the subscriptions of every session of this process, and the
-//! fan-out of a trigger to them.
+//! fan-out of a trigger to them; the sessions by user identity, and the
+//! control messages that act on sessions.
 //!
 //! Fan-out runs under the index lock and never waits: each matching
 //! subscription gets a [`Delivery`] pushed onto its session's bounded
 //! [`OutboundQueue`]. A full queue marks the session as a slow consumer (it
 //! then closes itself with 1013); nobody else waits for it.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Instant, SystemTime};
 
+use crate::control::{Action, Control};
+use crate::identity::UserId;
 use crate::index::{RoomIndex, SubscriptionId};
 use crate::metrics::{Metrics, Reason};
-use crate::outbound::{OutboundQueue, Pushed};
+use crate::outbound::{Delivery, OutboundQueue, Pushed};
 use crate::protocol::{self, HubStatus, RequestId};
 use crate::room::Room;
-use crate::trigger::Trigger;
-
-/// One publish frame for one subscription, as two shared halves: the
-/// trigger's prefix (built once per trigger) and the subscription's
-/// `requestId` suffix (built once per subscription). Queueing it allocates
-/// nothing per subscriber. Both are `str`, so the socket writer joins them
-/// into a text frame without re-validating UTF-8.
-#[derive(Clone, Debug)]
-pub struct Delivery {
-    /// `{"type":"publish","data":…,"requestId":`
-    pub prefix: Arc<str>,
-    /// `<requestId>}`
-    pub suffix: Arc<str>,
-}
-
-impl Delivery {
-    /// The whole frame text.
-    pub fn text(&self) -> String {
-        let mut s = String::with_capacity(self.prefix.len() + self.suffix.len());
-        s.push_str(&self.prefix);
-        s.push_str(&self.suffix);
-        s
-    }
-}
+use crate::trigger::{Published, Trigger};
 
 /// What the index stores per subscription.
 struct Subscriber {
@@ -61,6 +42,10 @@ pub struct FanOut {
 pub struct Hub {
     /// All subscriptions, by room.
     index: Mutex<RoomIndex<Subscriber>>,
+    /// Sessions with a user identity, by identity (a user's tabs).
+    users: Mutex<HashMap<UserId, Vec<Arc<OutboundQueue>>>>,
+    /// Control messages received, so far: the generation of the next refresh.
+    controls: AtomicU64,
     /// Next subscription id.
     next_id: AtomicU64,
     /// Process metrics (also the source of the `status` counters).
@@ -74,6 +59,8 @@ impl Hub {
     pub fn new(metrics: Arc<Metrics>) -> Hub {
         Hub {
             index: Mutex::new(RoomIndex::new()),
+            users: Mutex::default(),
+            controls: AtomicU64::new(0),
             next_id: AtomicU64::new(1),
             metrics,
             online_since: SystemTime::now(),
@@ -84,6 +71,60 @@ impl Hub {
         // A panic while holding the lock cannot leave the index half-updated
         // in a way that matters more than losing the process; keep serving.
         self.index.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn users(&self) -> MutexGuard<'_, HashMap<UserId, Vec<Arc<OutboundQueue>>>> {
+        // Only pushes and removals happen under it: consistent even if poisoned.
+        self.users.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Records that `session` belongs to `user`.
+    pub fn add_user_session(&self, user: &UserId, session: &Arc<OutboundQueue>) {
+        self.users().entry(user.clone()).or_default().push(session.clone());
+    }
+
+    /// Forgets that `session` belongs to `user`.
+    pub fn remove_user_session(&self, user: &UserId, session: &Arc<OutboundQueue>) {
+        let mut users = self.users();
+        if let Some(sessions) = users.get_mut(user) {
+            sessions.retain(|s| !Arc::ptr_eq(s, session));
+            if sessions.is_empty() {
+                users.remove(user);
+            }
+        }
+    }
+
+    /// Hands `control`'s action to every session it names (by user, and by
+    /// subscription as a trigger to `subscribed` would reach them); returns
+    /// how many requests were made (a session named twice counts twice, and
+    /// acts once). Never waits for a session.
+    pub fn control(&self, control: &Control) -> usize {
+        let generation = self.controls.fetch_add(1, Ordering::Relaxed) + 1;
+        let act = |session: &OutboundQueue| match control.action {
+            Action::Refresh => session.request_refresh(generation),
+            Action::Disconnect(code) => session.request_disconnect(code),
+        };
+        let mut asked = 0;
+        if !control.users.is_empty() {
+            let users = self.users();
+            for user in &control.users {
+                for session in users.get(user).into_iter().flatten() {
+                    act(session);
+                    asked += 1;
+                }
+            }
+        }
+        if !control.subscribed.is_empty() {
+            let mut index = self.index();
+            for room in &control.subscribed {
+                index.for_each_match(room, |_, subscriber| {
+                    act(&subscriber.session);
+                    asked += 1;
+                });
+            }
+        }
+        self.metrics.controls.get_or_create(&crate::metrics::ActionLabel { action: control.action.label() }).inc();
+        asked
     }
 
     fn publish_gauges(&self, index: &RoomIndex<Subscriber>) {
@@ -109,6 +150,19 @@ impl Hub {
             index.remove(room, id);
         }
         self.publish_gauges(&index);
+    }
+
+    /// Acts on a publisher's message: fans a trigger out, or hands a
+    /// control message to the sessions it names.
+    pub fn deliver(&self, message: &Published) {
+        match message {
+            Published::Trigger(trigger) => {
+                self.fan_out(trigger);
+            }
+            Published::Control(control) => {
+                self.control(control);
+            }
+        }
     }
 
     /// Queues `trigger` to every matching subscription, once each.

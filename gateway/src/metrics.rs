@@ -29,6 +29,13 @@ pub struct Outcome {
     pub outcome: &'static str,
 }
 
+/// A single `action` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ActionLabel {
+    /// A control message's action (`refresh`, `disconnect`).
+    pub action: &'static str,
+}
+
 /// Every metric of one gateway process.
 pub struct Metrics {
     /// The registry the families below are registered in.
@@ -75,6 +82,13 @@ pub struct Metrics {
     pub messages_dropped: Family<Reason, Counter>,
     /// Connections closed by the gateway, by reason (`slow_consumer`, `idle`, …).
     pub disconnects: Family<Reason, Counter>,
+    /// Control messages received (either source), by action.
+    pub controls: Family<ActionLabel, Counter>,
+    /// Permission refreshes of a connection, by outcome (`unchanged`,
+    /// `revoked`, `denied`, `failed`).
+    pub permission_refreshes: Family<Outcome, Counter>,
+    /// Subscriptions dropped because a refresh no longer permits them.
+    pub subscriptions_revoked: Counter,
     /// The backend circuit breaker: 0 closed, 1 open, 2 half-open.
     pub backend_circuit_state: Gauge,
     /// Times the backend circuit breaker opened.
@@ -120,6 +134,9 @@ impl Metrics {
             messages_delivered: Counter::default(),
             messages_dropped: Family::default(),
             disconnects: Family::default(),
+            controls: Family::default(),
+            permission_refreshes: Family::default(),
+            subscriptions_revoked: Counter::default(),
             backend_circuit_state: Gauge::default(),
             backend_circuit_opened: Counter::default(),
             // 1 ms .. ~16 s
@@ -179,6 +196,17 @@ impl Metrics {
         r.register("messages_delivered", "Publish frames queued to clients", m.messages_delivered.clone());
         r.register("messages_dropped", "Publish frames not delivered", m.messages_dropped.clone());
         r.register("disconnects", "Connections closed by the gateway", m.disconnects.clone());
+        r.register("controls", "Control messages received, by action", m.controls.clone());
+        r.register(
+            "permission_refreshes",
+            "Bootstrap re-runs of live connections, by outcome (unchanged, revoked, denied, failed)",
+            m.permission_refreshes.clone(),
+        );
+        r.register(
+            "subscriptions_revoked",
+            "Subscriptions dropped because a refresh no longer permits them",
+            m.subscriptions_revoked.clone(),
+        );
         r.register(
             "backend_circuit_state",
             "Backend circuit breaker: 0 closed, 1 open, 2 half-open",

@@ -1,6 +1,7 @@
 //! `OutboundQueue`: the bounded queue of publish frames between the hub's
 //! fan-out and one session's socket writer, with the session's
-//! slow-consumer flag.
+//! slow-consumer flag and the control requests (refresh, disconnect) the
+//! hub hands it.
 //!
 //! Hand-made rather than a channel crate's because of what an idle
 //! connection costs: the queue allocates nothing until its first delivery
@@ -10,12 +11,33 @@
 //! allocation.
 
 use std::collections::VecDeque;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 
 use futures_util::task::AtomicWaker;
 
-use crate::hub::Delivery;
+/// One publish frame for one subscription, as two shared halves: the
+/// trigger's prefix (built once per trigger) and the subscription's
+/// `requestId` suffix (built once per subscription). Queueing it allocates
+/// nothing per subscriber. Both are `str`, so the socket writer joins them
+/// into a text frame without re-validating UTF-8.
+#[derive(Clone, Debug)]
+pub struct Delivery {
+    /// `{"type":"publish","data":…,"requestId":`
+    pub prefix: Arc<str>,
+    /// `<requestId>}`
+    pub suffix: Arc<str>,
+}
+
+impl Delivery {
+    /// The whole frame text.
+    pub fn text(&self) -> String {
+        let mut s = String::with_capacity(self.prefix.len() + self.suffix.len());
+        s.push_str(&self.prefix);
+        s.push_str(&self.suffix);
+        s
+    }
+}
 
 /// A queue that empties above this many slots of capacity gives the memory
 /// back, so a burst does not pin its peak on an otherwise quiet connection.
@@ -38,6 +60,11 @@ pub enum Ready {
     Deliveries,
     /// The queue overflowed: the session must close (1013).
     Overflowed,
+    /// A control message closes the session with this code.
+    Disconnect(u16),
+    /// A control message asks the session to re-run bootstrap; the number
+    /// is the request's generation ([`OutboundQueue::request_refresh`]).
+    Refresh(u64),
 }
 
 /// The queue's state, behind one lock.
@@ -47,6 +74,10 @@ struct State {
     frames: VecDeque<Delivery>,
     /// Set once when a push found the queue full; never cleared.
     overflowed: bool,
+    /// A disconnect asked for, with its close code.
+    disconnect: Option<u16>,
+    /// A refresh asked for and not yet taken: the latest request's generation.
+    refresh: Option<u64>,
 }
 
 /// Bounded queue of one session's publish frames (many producers: every
@@ -103,18 +134,39 @@ impl OutboundQueue {
         frame
     }
 
-    /// Ready when a frame is queued or the queue overflowed (overflow first).
-    pub fn poll_ready(&self, cx: &mut Context<'_>) -> Poll<Ready> {
+    /// Ready when the queue overflowed, a disconnect or (if `take_refresh`)
+    /// a refresh is asked for, or a frame is queued; in that order. A
+    /// refresh returned is taken (asked again, it is returned again).
+    pub fn poll_ready(&self, cx: &mut Context<'_>, take_refresh: bool) -> Poll<Ready> {
         // Register before looking, so a push after the look wakes us.
         self.waker.register(cx.waker());
-        let state = self.state();
+        let mut state = self.state();
         if state.overflowed {
             Poll::Ready(Ready::Overflowed)
+        } else if let Some(code) = state.disconnect {
+            Poll::Ready(Ready::Disconnect(code))
+        } else if let Some(generation) = state.refresh.filter(|_| take_refresh) {
+            state.refresh = None;
+            Poll::Ready(Ready::Refresh(generation))
         } else if state.frames.is_empty() {
             Poll::Pending
         } else {
             Poll::Ready(Ready::Deliveries)
         }
+    }
+
+    /// Asks the session to re-run bootstrap; `generation` (increasing per
+    /// control message) lets sessions asked by the same message share one
+    /// backend call, and no later request share an earlier call.
+    pub fn request_refresh(&self, generation: u64) {
+        self.state().refresh = Some(generation);
+        self.waker.wake();
+    }
+
+    /// Asks the session to close with `code`; the first request wins.
+    pub fn request_disconnect(&self, code: u16) {
+        self.state().disconnect.get_or_insert(code);
+        self.waker.wake();
     }
 
     /// Ready once the queue overflowed (used while a write is in progress).

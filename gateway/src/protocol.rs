@@ -254,6 +254,19 @@ pub fn success(request_id: &RequestId) -> String {
     format!(r#"{{"code":"success","requestId":{}}}"#, request_id.as_json())
 }
 
+/// Why the gateway ended a subscription the client did not unsubscribe.
+pub const PERMISSION_REVOKED: &str = "permission-revoked";
+
+/// `{"type":"unsubscribed","requestId":R,"reason":REASON}`: the gateway
+/// dropped subscription R (3.x clients ignore frame types they do not know).
+pub fn unsubscribed(request_id: &RequestId, reason: &str) -> String {
+    format!(
+        r#"{{"type":"unsubscribed","requestId":{},"reason":{}}}"#,
+        request_id.as_json(),
+        serde_json::Value::from(reason)
+    )
+}
+
 /// `{"code":"error","message":M[,"requestId":R]}`.
 pub fn error(message: &str, request_id: Option<&RequestId>) -> String {
     with_request_id(json!({"code": "error", "message": message}), request_id)

@@ -83,7 +83,14 @@ impl Server {
                 metrics.clone(),
             )?),
         };
-        let backend = BootstrapClient::new(&config.backend, metrics.clone())?;
+        let user_path = match &config.permissions.user_path {
+            None => None,
+            Some(path) => Some(
+                crate::identity::UserPath::parse(path)
+                    .map_err(|e| ConfigError::Invalid { field: "permissions.userPath", message: e.to_string() })?,
+            ),
+        };
+        let backend = BootstrapClient::new(&config.backend, metrics.clone())?.with_user_path(user_path);
         let forwarding = ForwardingTable::new(&config.backend.forward)
             .map_err(|e| ConfigError::Invalid { field: "backend.forward", message: e.to_string() })?;
         let origins = crate::origin::OriginPolicy::new(&config.security.allowed_origins)

@@ -12,6 +12,14 @@
 //! allocates nothing until the first delivery.
 //! It stops for one [`Stop`] reason, sends the matching close frame, and
 //! removes its subscriptions from the hub.
+//!
+//! Permissions stay live: a `refresh` control message (or the periodic
+//! `permissions.refreshSeconds`) re-runs bootstrap with the connection's
+//! original request, alongside everything else (deliveries keep flowing
+//! while the call runs), and drops the subscriptions the answer no longer
+//! permits, each with an `unsubscribed` frame. A refused user is closed
+//! with 4401; a failed call keeps the current permissions and is retried
+//! with backoff. A `disconnect` closes with the code it gives.
 
 use std::collections::HashMap;
 use std::future::{Future, poll_fn};
@@ -27,13 +35,15 @@ use crate::admission::Admitted;
 use axum::http::{HeaderName, HeaderValue};
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use tokio::time::{Instant, Sleep, sleep_until};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
-use crate::backend::CLOSE_TRY_AGAIN_LATER;
+use crate::backend::{Bootstrap, BootstrapError, CLOSE_TRY_AGAIN_LATER, CLOSE_UNAUTHORIZED, PERIODIC};
 use crate::config::seconds;
 use crate::gateway::Gateway;
+use crate::identity::UserId;
 use crate::index::SubscriptionId;
-use crate::metrics::Reason;
+use crate::log_throttle::LogThrottle;
+use crate::metrics::{Outcome, Reason};
 use crate::outbound::{OutboundQueue, Ready};
 use crate::protocol::{self, ClientFrame, RequestError, RequestId, RequestIdField};
 use crate::room::Room;
@@ -71,6 +81,10 @@ enum Stop {
     InvalidUtf8,
     /// The process is shutting down.
     Shutdown,
+    /// A refresh found the user refused (401/403).
+    Revoked,
+    /// A `disconnect` control message, with its close code.
+    Disconnected(u16),
 }
 
 impl Stop {
@@ -84,6 +98,8 @@ impl Stop {
             Stop::ProtocolError => Some((CLOSE_PROTOCOL_ERROR, "protocol error")),
             Stop::InvalidUtf8 => Some((CLOSE_INVALID_PAYLOAD, "text is not UTF-8")),
             Stop::Shutdown => Some((CLOSE_GOING_AWAY, "server shutting down")),
+            Stop::Revoked => Some((CLOSE_UNAUTHORIZED, "not authorized")),
+            Stop::Disconnected(code) => Some((code, "disconnected")),
         }
     }
 
@@ -97,6 +113,8 @@ impl Stop {
             Stop::ProtocolError => "protocol_error",
             Stop::InvalidUtf8 => "invalid_utf8",
             Stop::Shutdown => "shutdown",
+            Stop::Revoked => "permission_revoked",
+            Stop::Disconnected(_) => "disconnected",
         }
     }
 }
@@ -113,6 +131,11 @@ struct Session {
     held_bytes: usize,
     /// This session's queue and overflow flag, as the hub sees them.
     queue: Arc<OutboundQueue>,
+    /// Who the connection belongs to (`permissions.userPath`), registered
+    /// with the hub for control messages.
+    user: Option<UserId>,
+    /// The forwarded bootstrap request, replayed by refreshes.
+    request: Vec<(HeaderName, HeaderValue)>,
     /// Shared process state.
     gateway: Arc<Gateway>,
 }
@@ -183,6 +206,79 @@ impl Session {
         self.held_bytes += cost;
         Ok(())
     }
+
+    /// Changes the registered identity.
+    fn set_user(&mut self, user: Option<UserId>) {
+        if user == self.user {
+            return;
+        }
+        if let Some(old) = self.user.take() {
+            self.held_bytes = self.held_bytes.saturating_sub(old.approx_bytes());
+            self.gateway.hub.remove_user_session(&old, &self.queue);
+        }
+        if let Some(new) = &user {
+            self.held_bytes += new.approx_bytes();
+            self.gateway.hub.add_user_session(new, &self.queue);
+        }
+        self.user = user;
+    }
+
+    /// Takes a refreshed answer: the new allowed rooms and identity; the
+    /// subscriptions they no longer permit are dropped, and their
+    /// `unsubscribed` frames returned. `Err` when the new allowed rooms do
+    /// not fit `limits.maxConnectionBytes`.
+    fn refreshed(&mut self, answer: Bootstrap) -> Result<Vec<String>, Stop> {
+        let old_bytes: usize = self.allowed.iter().map(Room::approx_bytes).sum();
+        let new_bytes: usize = answer.allowed.iter().map(Room::approx_bytes).sum();
+        let held = self.held_bytes.saturating_sub(old_bytes) + new_bytes;
+        if held > self.gateway.config.limits.max_connection_bytes {
+            return Err(Stop::Revoked);
+        }
+        self.held_bytes = held;
+        self.allowed = answer.allowed;
+        let revoked: Vec<RequestId> = self
+            .subscriptions
+            .iter()
+            .filter(|(_, (room, _))| !self.allowed.iter().any(|a| a.permits(room)))
+            .map(|(request_id, _)| request_id.clone())
+            .collect();
+        let mut frames = Vec::with_capacity(revoked.len());
+        let mut dropped = Vec::with_capacity(revoked.len());
+        for request_id in revoked {
+            if let Some((room, id)) = self.subscriptions.remove(&request_id) {
+                self.held_bytes = self.held_bytes.saturating_sub(subscription_bytes(&room, &request_id));
+                frames.push(protocol::unsubscribed(&request_id, protocol::PERMISSION_REVOKED));
+                dropped.push((room, id));
+            }
+        }
+        self.gateway.hub.unsubscribe(dropped.iter().map(|(room, id)| (room, *id)));
+        self.gateway.metrics.subscriptions_revoked.inc_by(frames.len() as u64);
+        self.set_user(answer.user);
+        Ok(frames)
+    }
+}
+
+/// What the forwarded request holds, bytes, roughly (kept for refreshes).
+fn request_bytes(request: &[(HeaderName, HeaderValue)]) -> usize {
+    request.iter().map(|(name, value)| name.as_str().len() + value.len() + 64).sum()
+}
+
+/// A refresh's bootstrap call, running beside the session's loop.
+type RefreshCall = Pin<Box<dyn Future<Output = Result<Bootstrap, BootstrapError>> + Send>>;
+
+fn refresh_call(gateway: Arc<Gateway>, request: Vec<(HeaderName, HeaderValue)>, generation: u64) -> RefreshCall {
+    Box::pin(async move { gateway.backend.bootstrap(request, None, &gateway.admission, generation).await })
+}
+
+/// `base` ±20 %, so connections opened together do not refresh together.
+fn jittered(base: Duration) -> Duration {
+    base.mul_f64(0.8 + 0.4 * rand::random::<f64>())
+}
+
+/// The wait before retrying the `attempt`th failed refresh: 1 s doubling
+/// to 30 s, jittered.
+fn refresh_backoff(attempt: u32) -> Duration {
+    jittered(Duration::from_secs(1u64 << attempt.min(5)).min(Duration::from_secs(30)))
 }
 
 /// What one subscription holds, roughly: its room twice (the session's map
@@ -196,6 +292,9 @@ fn subscription_bytes(room: &Room, request_id: &RequestId) -> usize {
 impl Drop for Session {
     fn drop(&mut self) {
         self.gateway.hub.unsubscribe(self.subscriptions.iter().map(|(_, (room, id))| (room, *id)));
+        if let Some(user) = &self.user {
+            self.gateway.hub.remove_user_session(user, &self.queue);
+        }
     }
 }
 
@@ -222,13 +321,16 @@ struct Deadlines {
     ping_at: Instant,
     /// Shutdown: close with 1001 then (a random point of the close window).
     close_at: Option<Instant>,
+    /// Re-run bootstrap then (periodic refresh, or a failed one's retry).
+    refresh_at: Option<Instant>,
 }
 
 impl Deadlines {
     /// The earliest of them.
     fn next(&self) -> Instant {
         let next = self.idle_at.min(self.ping_at);
-        self.close_at.map_or(next, |close| close.min(next))
+        let next = self.close_at.map_or(next, |close| close.min(next));
+        self.refresh_at.map_or(next, |refresh| refresh.min(next))
     }
 }
 
@@ -283,6 +385,14 @@ where
         }
         Poll::Pending
     }
+}
+
+/// Writes `frames` with one flush.
+async fn write_frames(socket: &mut WebSocket, frames: Vec<String>) -> Result<(), Stop> {
+    for frame in frames {
+        socket.feed(Message::Text(frame.into())).await.map_err(|_| Stop::ClientGone)?;
+    }
+    socket.flush().await.map_err(|_| Stop::ClientGone)
 }
 
 /// Feeds queued publish frames (up to [`MAX_BATCH`]), then flushes once.
@@ -408,9 +518,10 @@ async fn serve(
     // allocation for the whole life of the connection.
     // The admission slot is held for the call only (inside the box, so it
     // does not size the task).
-    let bootstrap = gateway.backend.bootstrap(backend_headers, admitted, &gateway.admission);
-    let allowed = match Box::pin(bootstrap).await {
-        Ok(allowed) => allowed,
+    let request = backend_headers.clone();
+    let bootstrap = gateway.backend.bootstrap(backend_headers, admitted, &gateway.admission, crate::backend::CONNECT);
+    let Bootstrap { allowed, user } = match Box::pin(bootstrap).await {
+        Ok(answer) => answer,
         Err(e) => {
             info!(peer = %peer, outcome = e.outcome(), error = %e, "connection refused");
             // Boxed, as this rare path would otherwise size every task.
@@ -452,14 +563,29 @@ async fn serve(
     let mut session = Session {
         allowed,
         subscriptions: HashMap::new(),
-        held_bytes: allowed_bytes,
+        held_bytes: allowed_bytes + request_bytes(&request),
         queue: queue.clone(),
+        user: None,
+        request,
         gateway: gateway.clone(),
     };
+    session.set_user(user);
+    let refresh_every = gateway.config.permissions.refresh_seconds;
+    let periodic = (refresh_every > 0.0).then(|| seconds(refresh_every));
+    // The refresh call in flight, if any; the generation of the next one
+    // the timer starts; failed calls in a row.
+    let mut refreshing: Option<RefreshCall> = None;
+    let mut next_refresh = PERIODIC;
+    let mut refresh_failures = 0u32;
 
     let ping_every = seconds(limits.ping_interval_seconds);
     let now = Instant::now();
-    let mut clock = Deadlines { idle_at: now + idle_timeout, ping_at: now + ping_every, close_at: None };
+    let mut clock = Deadlines {
+        idle_at: now + idle_timeout,
+        ping_at: now + ping_every,
+        close_at: None,
+        refresh_at: periodic.map(|every| now + jittered(every)),
+    };
     let timer = sleep_until(clock.next());
     tokio::pin!(timer);
     let shutdown = gateway.close_sessions.cancelled();
@@ -469,6 +595,7 @@ async fn serve(
     let window = seconds(gateway.config.shutdown.close_window_seconds);
 
     let stop = loop {
+        let can_refresh = refreshing.is_none();
         tokio::select! {
             biased;
             _ = &mut shutdown, if clock.close_at.is_none() => {
@@ -481,6 +608,12 @@ async fn serve(
                 }
                 if now >= clock.idle_at {
                     break Stop::Idle;
+                }
+                if clock.refresh_at.is_some_and(|at| now >= at) {
+                    clock.refresh_at = None;
+                    if refreshing.is_none() {
+                        refreshing = Some(refresh_call(gateway.clone(), session.request.clone(), next_refresh));
+                    }
                 }
                 if now >= clock.ping_at {
                     clock.ping_at = now + ping_every;
@@ -501,8 +634,54 @@ async fn serve(
                     Err(stop) => break stop,
                 }
             }
-            ready = poll_fn(|cx| queue.poll_ready(cx)) => match ready {
+            answer = poll_fn(|cx| refreshing.as_mut().map_or(Poll::Pending, |call| call.as_mut().poll(cx))) => {
+                refreshing = None;
+                match answer {
+                    Ok(answer) => {
+                        refresh_failures = 0;
+                        next_refresh = PERIODIC;
+                        clock.refresh_at = periodic.map(|every| Instant::now() + jittered(every));
+                        let frames = match session.refreshed(answer) {
+                            Ok(frames) => frames,
+                            Err(stop) => break stop,
+                        };
+                        let outcome = if frames.is_empty() { "unchanged" } else { "revoked" };
+                        gateway.metrics.permission_refreshes.get_or_create(&Outcome { outcome }).inc();
+                        if !frames.is_empty() {
+                            info!(peer = %peer, revoked = frames.len(), "subscriptions revoked by a refresh");
+                            if let Err(stop) = write_or_stop(pin!(write_frames(&mut socket, frames)), &queue, timer.as_mut(), clock.idle_at).await {
+                                break stop;
+                            }
+                        }
+                    }
+                    Err(BootstrapError::Denied(status)) if status.as_u16() == 401 || status.as_u16() == 403 => {
+                        gateway.metrics.permission_refreshes.get_or_create(&Outcome { outcome: "denied" }).inc();
+                        break Stop::Revoked;
+                    }
+                    Err(e) => {
+                        // The current permissions stay until an answer says
+                        // otherwise: a backend outage must not log everyone out.
+                        gateway.metrics.permission_refreshes.get_or_create(&Outcome { outcome: "failed" }).inc();
+                        static FAILED: LogThrottle = LogThrottle::new(Duration::from_secs(10));
+                        if let Some(suppressed) = FAILED.allow() {
+                            warn!(error = %e, suppressed, "permission refresh failed: current permissions kept, retrying");
+                        }
+                        let wait = refresh_backoff(refresh_failures);
+                        refresh_failures = refresh_failures.saturating_add(1);
+                        clock.refresh_at = Some(Instant::now() + wait);
+                    }
+                }
+            }
+            ready = poll_fn(|cx| queue.poll_ready(cx, can_refresh)) => match ready {
                 Ready::Overflowed => break Stop::SlowConsumer,
+                Ready::Disconnect(code) => break Stop::Disconnected(code),
+                Ready::Refresh(generation) => {
+                    // A retry pending for an older request is superseded.
+                    next_refresh = generation;
+                    refresh_failures = 0;
+                    clock.refresh_at = None;
+                    refreshing = Some(refresh_call(gateway.clone(), session.request.clone(), generation));
+                }
                 Ready::Deliveries => {
                     if let Err(stop) = write_or_stop(pin!(write_batch(&mut socket, &queue)), &queue, timer.as_mut(), clock.idle_at).await {
                         break stop;

@@ -8,7 +8,18 @@ use serde::Deserialize;
 use serde_json::Value;
 use serde_json::value::RawValue;
 
+use crate::control::{Control, ControlFields, InvalidControl};
 use crate::room::{InvalidRoom, InvalidRoomList, Room, parse_room_list};
+
+/// What a publisher sends on the trigger channels: a trigger, or (with a
+/// `control` key) a control message.
+#[derive(Debug)]
+pub enum Published {
+    /// Data for the subscriptions of some rooms.
+    Trigger(Trigger),
+    /// An action on live connections.
+    Control(Control),
+}
 
 /// A parsed trigger.
 #[derive(Debug)]
@@ -52,6 +63,9 @@ pub enum InvalidTrigger {
         /// What is wrong with it.
         reason: InvalidRoom,
     },
+    /// A body with `control` that is not a control message.
+    #[error("control message: {0}")]
+    BadControl(InvalidControl),
 }
 
 impl InvalidTrigger {
@@ -63,6 +77,7 @@ impl InvalidTrigger {
             InvalidTrigger::TooManyRooms(_) => "too_many_rooms",
             InvalidTrigger::TooLarge(_) => "too_large",
             InvalidTrigger::BadRoom { .. } => "invalid_room",
+            InvalidTrigger::BadControl(_) => "invalid_control",
         }
     }
 }
@@ -73,6 +88,69 @@ struct Body<'a> {
     rooms: Option<&'a RawValue>,
     #[serde(borrow)]
     data: Option<&'a RawValue>,
+    #[serde(borrow)]
+    control: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow)]
+    users: Option<&'a RawValue>,
+    #[serde(borrow)]
+    subscribed: Option<&'a RawValue>,
+    #[serde(borrow)]
+    code: Option<&'a RawValue>,
+}
+
+impl<'a> Body<'a> {
+    /// Reads a body: a JSON object (serde would also read a struct from a
+    /// JSON array).
+    fn read(body: &'a [u8]) -> Result<Body<'a>, InvalidTrigger> {
+        if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+            return Err(InvalidTrigger::NotJson("expected a JSON object".into()));
+        }
+        serde_json::from_slice(body).map_err(|e| {
+            // Only the category and position: serde's message may quote the body.
+            InvalidTrigger::NotJson(format!("{:?} error at line {} column {}", e.classify(), e.line(), e.column()))
+        })
+    }
+}
+
+impl Published {
+    /// Parses a body from a publisher (AMQP or `POST /trigger`) within `limits`.
+    pub fn parse_within(body: &[u8], limits: TriggerLimits) -> Result<Published, InvalidTrigger> {
+        if body.len() > limits.max_body_bytes {
+            return Err(InvalidTrigger::TooLarge(limits.max_body_bytes));
+        }
+        let parsed = Body::read(body)?;
+        match &parsed.control {
+            None => Trigger::from_body(parsed, limits.max_rooms).map(Published::Trigger),
+            Some(action) => {
+                let fields = ControlFields {
+                    action,
+                    users: parsed.users,
+                    subscribed: parsed.subscribed,
+                    code: parsed.code,
+                    has_rooms: parsed.rooms.is_some(),
+                };
+                Control::from_fields(fields, limits.max_rooms)
+                    .map(Published::Control)
+                    .map_err(InvalidTrigger::BadControl)
+            }
+        }
+    }
+
+    /// The message as a JSON body, for publishing to the broker.
+    pub fn to_body(&self) -> Vec<u8> {
+        match self {
+            Published::Trigger(trigger) => trigger.to_body(),
+            Published::Control(control) => control.to_body(),
+        }
+    }
+
+    /// Metric label of the kind of message.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Published::Trigger(_) => "trigger",
+            Published::Control(control) => control.action.label(),
+        }
+    }
 }
 
 impl Trigger {
@@ -86,14 +164,10 @@ impl Trigger {
 
     /// Parses a trigger body of at most `max_rooms` rooms.
     pub fn parse(body: &[u8], max_rooms: usize) -> Result<Trigger, InvalidTrigger> {
-        // serde would also read a struct from a JSON array; a trigger is an object.
-        if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
-            return Err(InvalidTrigger::NotJson("expected a JSON object".into()));
-        }
-        let parsed: Body<'_> = serde_json::from_slice(body).map_err(|e| {
-            // Only the category and position: serde's message may quote the body.
-            InvalidTrigger::NotJson(format!("{:?} error at line {} column {}", e.classify(), e.line(), e.column()))
-        })?;
+        Trigger::from_body(Body::read(body)?, max_rooms)
+    }
+
+    fn from_body(parsed: Body<'_>, max_rooms: usize) -> Result<Trigger, InvalidTrigger> {
         let rooms = parse_room_list(parsed.rooms.map_or("", RawValue::get), max_rooms).map_err(|e| match e {
             InvalidRoomList::NotAList => InvalidTrigger::NoRooms,
             InvalidRoomList::TooMany(max) => InvalidTrigger::TooManyRooms(max),

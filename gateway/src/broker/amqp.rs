@@ -33,7 +33,7 @@ use crate::config::{AmqpConfig, seconds};
 use crate::hub::Hub;
 use crate::log_throttle::LogThrottle;
 use crate::metrics::{Metrics, Reason, TriggerSource};
-use crate::trigger::{Trigger, TriggerLimits};
+use crate::trigger::{Published, TriggerLimits};
 
 /// The routing key 3.x publishers use and every queue is bound with.
 pub const ROUTING_KEY: &str = "*";
@@ -151,7 +151,7 @@ impl AmqpBroker {
 }
 
 impl Broker for AmqpBroker {
-    fn publish(&self, trigger: Trigger) -> BoxFuture<'_, Result<(), BrokerError>> {
+    fn publish(&self, message: Published) -> BoxFuture<'_, Result<(), BrokerError>> {
         async move {
             let channel =
                 self.shared.publisher().ok_or_else(|| BrokerError::Unavailable("not connected to RabbitMQ".into()))?;
@@ -161,7 +161,7 @@ impl Broker for AmqpBroker {
                     self.shared.config.exchange.as_str().into(),
                     ROUTING_KEY.into(),
                     BasicPublishOptions::default(),
-                    &trigger.to_body(),
+                    &message.to_body(),
                     BasicProperties::default().with_content_type("application/json".into()),
                 )
                 .await
@@ -332,12 +332,14 @@ async fn consume(shared: &Shared) -> Result<(), Lost> {
     Ok(())
 }
 
-/// Fans out one AMQP body; a malformed one is counted and dropped.
+/// Acts on one AMQP body; a malformed one is counted and dropped.
 fn on_body(shared: &Shared, body: &[u8]) {
-    match Trigger::parse_within(body, shared.limits) {
-        Ok(trigger) => {
-            shared.metrics.triggers.get_or_create(&TriggerSource { source: "amqp" }).inc();
-            shared.hub.fan_out(&trigger);
+    match Published::parse_within(body, shared.limits) {
+        Ok(message) => {
+            if let Published::Trigger(_) = message {
+                shared.metrics.triggers.get_or_create(&TriggerSource { source: "amqp" }).inc();
+            }
+            shared.hub.deliver(&message);
         }
         Err(e) => {
             shared.metrics.triggers_rejected.get_or_create(&Reason { reason: e.reason() }).inc();

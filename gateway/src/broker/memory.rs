@@ -7,9 +7,9 @@ use futures_util::future::{BoxFuture, FutureExt};
 
 use super::{Broker, BrokerError};
 use crate::hub::Hub;
-use crate::trigger::Trigger;
+use crate::trigger::Published;
 
-/// Triggers go straight to this process's hub.
+/// Triggers and control messages go straight to this process's hub.
 pub struct MemoryBroker {
     /// Where triggers are fanned out.
     hub: Arc<Hub>,
@@ -23,8 +23,8 @@ impl MemoryBroker {
 }
 
 impl Broker for MemoryBroker {
-    fn publish(&self, trigger: Trigger) -> BoxFuture<'_, Result<(), BrokerError>> {
-        self.hub.fan_out(&trigger);
+    fn publish(&self, message: Published) -> BoxFuture<'_, Result<(), BrokerError>> {
+        self.hub.deliver(&message);
         futures_util::future::ready(Ok(())).boxed()
     }
 

@@ -1,9 +1,9 @@
-//! Brokers carry triggers to every gateway replica (DESIGN.md §3). One
+//! Brokers carry triggers and control messages to every gateway replica (DESIGN.md §3). One
 //! trait, one implementation per transport; only `broker/` knows how.
 
 use futures_util::future::BoxFuture;
 
-use crate::trigger::Trigger;
+use crate::trigger::Published;
 
 pub mod amqp;
 mod memory;
@@ -21,9 +21,10 @@ pub enum BrokerError {
 
 /// A transport for triggers.
 pub trait Broker: Send + Sync + 'static {
-    /// Publishes `trigger` so that every replica (this one included) fans it
-    /// out. Resolves once the broker has accepted it.
-    fn publish(&self, trigger: Trigger) -> BoxFuture<'_, Result<(), BrokerError>>;
+    /// Publishes `message` (a trigger or a control message) so that every
+    /// replica, this one included, acts on it. Resolves once the broker has
+    /// accepted it.
+    fn publish(&self, message: Published) -> BoxFuture<'_, Result<(), BrokerError>>;
 
     /// Whether triggers flow now; drives `/readyz`.
     fn is_ready(&self) -> bool;
