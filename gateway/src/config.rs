@@ -482,7 +482,7 @@ impl Config {
             crate::identity::UserPath::parse(path).map_err(|e| invalid("permissions.userPath", &e.to_string()))?;
         }
         let refresh = self.permissions.refresh_seconds;
-        if !(refresh == 0.0 || (refresh >= 1.0 && refresh < 1e9)) {
+        if !(refresh == 0.0 || (1.0..1e9).contains(&refresh)) {
             return Err(invalid("permissions.refreshSeconds", "must be 0 (off) or at least 1"));
         }
         crate::origin::OriginPolicy::new(&self.security.allowed_origins)

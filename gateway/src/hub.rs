@@ -270,6 +270,56 @@ mod tests {
         assert_eq!(std::iter::from_fn(|| fast.pop()).count(), 2);
     }
 
+    fn control(body: &str) -> Control {
+        match Published::parse_within(
+            body.as_bytes(),
+            crate::trigger::TriggerLimits { max_body_bytes: 4096, max_rooms: 8 },
+        ) {
+            Ok(Published::Control(control)) => control,
+            other => panic!("not a control message: {other:?}"),
+        }
+    }
+
+    fn taken(q: &OutboundQueue) -> Option<crate::outbound::Ready> {
+        let waker = futures_util::task::noop_waker();
+        match q.poll_ready(&mut std::task::Context::from_waker(&waker), true) {
+            std::task::Poll::Ready(ready) => Some(ready),
+            std::task::Poll::Pending => None,
+        }
+    }
+
+    #[test]
+    fn control_reaches_sessions_by_user_and_by_subscription() {
+        use crate::outbound::Ready;
+        let hub = Hub::new(Arc::new(Metrics::new()));
+        let [alice_1, alice_2, bob, carol] = [(); 4].map(|_| Arc::new(OutboundQueue::new(8)));
+        let alice = UserId::from_json(&json!("alice")).expect("id");
+        hub.add_user_session(&alice, &alice_1);
+        hub.add_user_session(&alice, &alice_2);
+        hub.add_user_session(&UserId::from_json(&json!(2)).expect("id"), &bob);
+        hub.subscribe(&bob, &room(json!({"team": "red"})), &rid("r"));
+        hub.subscribe(&carol, &room(json!({"team": "blue"})), &rid("b"));
+
+        assert_eq!(hub.control(&control(r#"{"control":"refresh","users":["alice"]}"#)), 2);
+        assert_eq!((taken(&alice_1), taken(&alice_2)), (Some(Ready::Refresh(1)), Some(Ready::Refresh(1))));
+        assert_eq!((taken(&bob), taken(&carol)), (None, None));
+        // By room, as a trigger would reach: a wildcard names both teams.
+        assert_eq!(hub.control(&control(r#"{"control":"refresh","subscribed":[{"team":"*"}]}"#)), 2);
+        assert_eq!((taken(&bob), taken(&carol)), (Some(Ready::Refresh(2)), Some(Ready::Refresh(2))));
+        assert_eq!(taken(&alice_1), None);
+        // Identities compare as JSON: "2" is not 2.
+        assert_eq!(hub.control(&control(r#"{"control":"disconnect","users":["2"]}"#)), 0);
+        assert_eq!(hub.control(&control(r#"{"control":"disconnect","users":[2],"subscribed":[{"team":"red"}]}"#)), 2);
+        assert_eq!(taken(&bob), Some(Ready::Disconnect(4001)));
+        // A session that left is not reached.
+        hub.remove_user_session(&alice, &alice_1);
+        assert_eq!(hub.control(&control(r#"{"control":"disconnect","users":["alice"],"code":4999}"#)), 1);
+        assert_eq!((taken(&alice_1), taken(&alice_2)), (None, Some(Ready::Disconnect(4999))));
+        hub.remove_user_session(&alice, &alice_2);
+        hub.remove_user_session(&UserId::from_json(&json!(2)).expect("id"), &bob);
+        assert!(hub.users().is_empty(), "no entry is left for a user without sessions");
+    }
+
     #[test]
     fn unsubscribe_stops_delivery_and_updates_gauges() {
         let metrics = Arc::new(Metrics::new());

@@ -251,15 +251,39 @@ mod tests {
         let counter = Arc::new(CountingWaker(AtomicUsize::new(0)));
         let waker = Waker::from(counter.clone());
         let mut cx = Context::from_waker(&waker);
-        assert_eq!(q.poll_ready(&mut cx), Poll::Pending);
+        assert_eq!(q.poll_ready(&mut cx, true), Poll::Pending);
         q.push(delivery(1));
         assert_eq!(counter.0.load(Ordering::SeqCst), 1);
-        assert_eq!(q.poll_ready(&mut cx), Poll::Ready(Ready::Deliveries));
+        assert_eq!(q.poll_ready(&mut cx, true), Poll::Ready(Ready::Deliveries));
         assert_eq!(q.poll_overflowed(&mut cx), Poll::Pending);
         for n in 0..4 {
             q.push(delivery(n));
         }
-        assert_eq!(q.poll_ready(&mut cx), Poll::Ready(Ready::Overflowed));
+        assert_eq!(q.poll_ready(&mut cx, true), Poll::Ready(Ready::Overflowed));
         assert_eq!(q.poll_overflowed(&mut cx), Poll::Ready(()));
+    }
+
+    #[test]
+    fn control_requests_wake_and_come_in_order() {
+        let q = OutboundQueue::new(4);
+        let counter = Arc::new(CountingWaker(AtomicUsize::new(0)));
+        let waker = Waker::from(counter.clone());
+        let mut cx = Context::from_waker(&waker);
+        assert_eq!(q.poll_ready(&mut cx, true), Poll::Pending);
+        q.request_refresh(3);
+        assert_eq!(counter.0.load(Ordering::SeqCst), 1, "a request wakes the session");
+        q.push(delivery(1));
+        q.request_refresh(4);
+        // While a refresh runs the session does not take another: deliveries go on.
+        assert_eq!(q.poll_ready(&mut cx, false), Poll::Ready(Ready::Deliveries));
+        // The latest request's generation, taken once.
+        assert_eq!(q.poll_ready(&mut cx, true), Poll::Ready(Ready::Refresh(4)));
+        assert_eq!(q.poll_ready(&mut cx, true), Poll::Ready(Ready::Deliveries));
+        q.request_refresh(5);
+        q.request_disconnect(4001);
+        q.request_disconnect(4403);
+        // A disconnect comes before a refresh, and the first code wins.
+        assert_eq!(q.poll_ready(&mut cx, true), Poll::Ready(Ready::Disconnect(4001)));
+        assert_eq!(q.poll_ready(&mut cx, true), Poll::Ready(Ready::Disconnect(4001)));
     }
 }

@@ -274,6 +274,54 @@ mod tests {
         );
     }
 
+    fn published(body: &str) -> Result<Published, InvalidTrigger> {
+        Published::parse_within(body.as_bytes(), TriggerLimits { max_body_bytes: 4096, max_rooms: 3 })
+    }
+
+    #[test]
+    fn control_messages_parse_and_round_trip() {
+        use crate::control::{Action, InvalidControl};
+        let Ok(Published::Control(c)) = published(r#"{"control":"refresh","users":[5,"a"],"subscribed":[{"t":"*"}]}"#)
+        else {
+            panic!("a control message")
+        };
+        assert_eq!(c.action, Action::Refresh);
+        assert_eq!(c.users.iter().map(|u| u.as_json()).collect::<Vec<_>>(), ["5", r#""a""#]);
+        assert_eq!(c.subscribed, vec![Room::from_json(&json!({"t": "*"})).expect("room")]);
+        let Ok(Published::Control(again)) = published(std::str::from_utf8(&c.to_body()).expect("utf-8")) else {
+            panic!("round trip")
+        };
+        assert_eq!(again, c);
+        let Ok(Published::Control(d)) = published(r#"{"control":"disconnect","users":[1]}"#) else {
+            panic!("disconnect")
+        };
+        assert_eq!(d.action, Action::Disconnect(crate::control::CLOSE_DISCONNECTED));
+        let Ok(Published::Control(d)) = published(r#"{"control":"disconnect","users":[1],"code":4999}"#) else {
+            panic!("disconnect")
+        };
+        assert_eq!(Published::Control(d.clone()).kind(), "disconnect");
+        assert_eq!(published(std::str::from_utf8(&d.to_body()).expect("utf-8")).map(|p| p.kind()), Ok("disconnect"));
+        let refused = |body: &str| match published(body) {
+            Err(InvalidTrigger::BadControl(e)) => e,
+            other => panic!("{body}: {other:?}"),
+        };
+        assert_eq!(refused(r#"{"control":"refresh","users":[1,2,3,4]}"#), InvalidControl::TooMany(3));
+        assert_eq!(
+            refused(r#"{"control":"refresh","subscribed":[{"a":1},{"a":2},{"a":3},{"a":4}]}"#),
+            InvalidControl::TooMany(3)
+        );
+        assert_eq!(refused(r#"{"control":"refresh","users":[]}"#), InvalidControl::NoSelector);
+        assert_eq!(refused(r#"{"control":"refresh","users":[null]}"#), InvalidControl::BadUsers);
+        assert_eq!(refused(r#"{"control":"refresh","users":"x"}"#), InvalidControl::BadUsers);
+        assert_eq!(refused(r#"{"control":"disconnect","users":[1],"code":3999}"#), InvalidControl::BadCode);
+        assert_eq!(refused(r#"{"control":"disconnect","users":[1],"code":"4001"}"#), InvalidControl::BadCode);
+        assert!(matches!(published(r#"{"control":1}"#), Err(InvalidTrigger::NotJson(_))));
+        assert_eq!(published(r#"{"control":"refresh","users":[1]}"#).map(|p| p.kind()), Ok("refresh"));
+        // Without `control` it is a trigger, as before.
+        assert!(matches!(published(r#"{"rooms":[],"data":1}"#), Ok(Published::Trigger(_))));
+        assert_eq!(published(&"x".repeat(5000)).map(|p| p.kind()), Err(InvalidTrigger::TooLarge(4096)));
+    }
+
     #[test]
     fn body_round_trips() {
         let t = Trigger::parse_(br#"{"rooms":[{"a":"*"}],"data":[1,"two"]}"#).expect("valid");
