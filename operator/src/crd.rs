@@ -85,6 +85,10 @@ pub struct HighTemplarSpec {
     /// Who may connect.
     #[serde(default)]
     pub security: SecuritySpec,
+    /// Live permissions: the user identity control messages name, and the
+    /// periodic refresh.
+    #[serde(default)]
+    pub permissions: PermissionsSpec,
     /// The Service in front of the pods.
     #[serde(default)]
     pub service: ServiceSpec,
@@ -463,6 +467,26 @@ pub struct SecuritySpec {
     #[schemars(length(max = 100), inner(length(max = 64)))]
     #[x_kube(validation = Rule::new("self.all(c, isCIDR(c))").message("trustedProxies entries are CIDRs, e.g. 10.0.0.0/8 or fd00::/8"))]
     pub trusted_proxies: Vec<String>,
+}
+
+/// Live permissions (docs/protocol.md "Control messages").
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct PermissionsSpec {
+    /// Where the user identity is in the bootstrap answer: object keys
+    /// joined by `.`, e.g. `user.id` (3.x Django settings: `user.data.id`).
+    /// Unset: control messages name connections by `subscribed` room only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256))]
+    #[x_kube(validation = Rule::new(r"self.matches('^[^.]+([.][^.]+)*$')").message("userPath is object keys joined by '.', e.g. user.id"))]
+    pub user_path: Option<String>,
+    /// Re-run bootstrap for every connection about this often (±20 %,
+    /// through admission) and drop subscriptions no longer permitted;
+    /// 0 (default): only when a `refresh` control message asks.
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 86400))]
+    #[x_kube(validation = Rule::new("self == 0 || self >= 10").message("refreshSeconds is 0 (off) or at least 10"))]
+    pub refresh_seconds: i32,
 }
 
 /// Graceful shutdown of the gateway pods.

@@ -63,6 +63,8 @@ pub fn gateway_config(spec: &HighTemplarSpec) -> Config {
         c.broker.amqp.exchange = rabbitmq.exchange.clone();
         c.broker.amqp.exchange_durable = rabbitmq.durable;
     }
+    c.permissions.user_path = spec.permissions.user_path.clone();
+    c.permissions.refresh_seconds = f64::from(spec.permissions.refresh_seconds);
     c.security.allowed_origins = spec.security.allowed_origins.clone();
     // The CRD's CEL rule admits CIDRs only.
     c.security.trusted_proxies = spec.security.trusted_proxies.iter().filter_map(|n| n.parse().ok()).collect();

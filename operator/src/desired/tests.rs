@@ -33,6 +33,7 @@ impl Fixture {
             limits: LimitsSpec::default(),
             shutdown: ShutdownSpec::default(),
             security: Default::default(),
+            permissions: Default::default(),
             service: ServiceSpec::default(),
             autoscaling: AutoscalingSpec::default(),
             pod_disruption_budget: PodDisruptionBudgetSpec::default(),
@@ -116,6 +117,8 @@ fn config_map_is_a_valid_gateway_config() {
             s.backend.circuit_breaker.failure_percent = 25;
             s.security.allowed_origins = vec!["https://*.example.com".into()];
             s.security.trusted_proxies = vec!["10.0.0.0/8".into()];
+            s.permissions.user_path = Some("user.data.id".into());
+            s.permissions.refresh_seconds = 300;
             s.backend.forward = vec![ForwardRuleSpec {
                 header: "X-Tenant".into(),
                 from: vec![
@@ -140,6 +143,8 @@ fn config_map_is_a_valid_gateway_config() {
     assert_eq!(config.backend.circuit_breaker.failure_ratio, 0.25);
     assert_eq!(config.backend.circuit_breaker.window, 20);
     assert_eq!(config.security.allowed_origins, ["https://*.example.com"]);
+    assert_eq!(config.permissions.user_path.as_deref(), Some("user.data.id"));
+    assert_eq!(config.permissions.refresh_seconds, 300.0);
     let proxies: Vec<String> = config.security.trusted_proxies.iter().map(ToString::to_string).collect();
     assert_eq!(proxies, ["10.0.0.0/8"]);
     assert_eq!(config.listen.0.port(), GATEWAY_PORT);

@@ -279,6 +279,14 @@ async fn invalid_resources_are_rejected_by_the_apiserver() {
             json!({"replicas": 1, "backend": {"url": "http://api/"}, "security": {"trustedProxies": ["10.0.0.0/33"]}}),
             "trustedProxies entries are CIDRs",
         ),
+        (
+            json!({"replicas": 1, "backend": {"url": "http://api/"}, "permissions": {"userPath": "user..id"}}),
+            "userPath is object keys joined by '.'",
+        ),
+        (
+            json!({"replicas": 1, "backend": {"url": "http://api/"}, "permissions": {"refreshSeconds": 5}}),
+            "refreshSeconds is 0 (off) or at least 10",
+        ),
     ];
     for (i, (spec, message)) in cases.into_iter().enumerate() {
         match env.apply(&format!("bad{i}"), spec.clone()).await {
