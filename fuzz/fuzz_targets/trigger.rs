@@ -9,10 +9,14 @@
 //!   is `parse` otherwise;
 //! - error messages never quote the body (they are logged);
 //! - `to_body` of a parsed trigger parses again, to the same rooms (floats
-//!   up to one ulp, see `common::same_through_text`).
+//!   up to one ulp, see `common::same_through_text`);
+//! - `Published::parse_within` (what both sources call: a trigger, or a
+//!   control message when the body has `control`) is deterministic, is
+//!   `parse` for bodies without `control`, and a control message's
+//!   `to_body` parses again to the same action, users and rooms.
 #![no_main]
 
-use high_templar_gateway::trigger::{InvalidTrigger, Trigger, TriggerLimits};
+use high_templar_gateway::trigger::{InvalidTrigger, Published, Trigger, TriggerLimits};
 use libfuzzer_sys::fuzz_target;
 use serde_json::value::RawValue;
 
@@ -22,6 +26,7 @@ mod common;
 const MAX_ROOMS: usize = 10_000;
 
 fuzz_target!(|body: &[u8]| {
+    check_published(body);
     let parsed = Trigger::parse(body, MAX_ROOMS);
     let again = Trigger::parse(body, MAX_ROOMS);
     match (&parsed, &again) {
@@ -72,3 +77,35 @@ fuzz_target!(|body: &[u8]| {
     }
     assert_eq!(reparsed.data.get(), trigger.data.get(), "data is republished as written");
 });
+
+fn check_published(body: &[u8]) {
+    let limits = TriggerLimits { max_body_bytes: body.len(), max_rooms: MAX_ROOMS };
+    let published = Published::parse_within(body, limits);
+    match (&published, Published::parse_within(body, limits)) {
+        (Ok(a), Ok(b)) => assert_eq!(a.kind(), b.kind(), "deterministic"),
+        (Err(a), Err(b)) => assert_eq!(a, &b, "deterministic"),
+        _ => panic!("deterministic"),
+    }
+    let control = match published {
+        Ok(Published::Control(control)) => control,
+        Ok(Published::Trigger(trigger)) => {
+            let plain = Trigger::parse(body, MAX_ROOMS).expect("a trigger for Published is one for Trigger");
+            assert!(plain.rooms == trigger.rooms && plain.data.get() == trigger.data.get(), "Published = Trigger");
+            return;
+        }
+        Err(_) => return,
+    };
+    assert!(!control.users.is_empty() || !control.subscribed.is_empty(), "a control names connections");
+    let republished = control.to_body();
+    let Ok(Published::Control(again)) =
+        Published::parse_within(&republished, TriggerLimits { max_body_bytes: usize::MAX, max_rooms: MAX_ROOMS })
+    else {
+        panic!("control to_body {:?} does not parse again", String::from_utf8_lossy(&republished));
+    };
+    assert_eq!(again.action, control.action);
+    assert_eq!(again.users, control.users);
+    assert_eq!(again.subscribed.len(), control.subscribed.len());
+    for (a, b) in control.subscribed.iter().zip(&again.subscribed) {
+        assert!(common::same_through_text(a, b), "{a:?} republished as {b:?}");
+    }
+}

@@ -612,6 +612,24 @@ clientStatus: {enabled: false}
     }
 
     #[test]
+    fn permissions_are_checked() {
+        let validate = |permissions: &str| {
+            Config::from_yaml(&format!("backend: {{url: 'http://a/'}}\npermissions: {permissions}"))
+                .expect("parses")
+                .validate()
+                .map_err(|e| e.to_string())
+        };
+        validate("{userPath: user.data.id, refreshSeconds: 300}").expect("valid");
+        validate("{refreshSeconds: 0}").expect("off");
+        let e = validate("{userPath: 'user..id'}").expect_err("empty key");
+        assert!(e.contains("permissions.userPath"), "{e}");
+        let e = validate("{refreshSeconds: 0.5}").expect_err("too often");
+        assert!(e.contains("permissions.refreshSeconds"), "{e}");
+        assert!(validate("{refreshSeconds: -1}").is_err());
+        assert!(Config::from_yaml("permissions: {userpath: x}").is_err(), "unknown fields are errors");
+    }
+
+    #[test]
     fn backend_url_must_be_http() {
         let c = Config::from_yaml("backend: {url: 'ftp://a/'}").expect("parses");
         assert!(c.validate().expect_err("ftp").to_string().contains("backend.url"));
