@@ -13,7 +13,10 @@
 //! - [`index`]: `RoomIndex`, the subscription index; a trigger costs
 //!   O(subscriptions reached).
 //! - [`protocol`]: client frames in, reply frames out.
-//! - [`trigger`]: trigger bodies (`{"rooms":[…],"data":…}`).
+//! - [`trigger`]: trigger bodies (`{"rooms":[…],"data":…}`), and
+//!   `Published`: a trigger or a control message.
+//! - [`control`]: control messages (`refresh`, `disconnect`).
+//! - [`identity`]: the user identity in a bootstrap answer.
 //! - [`forwarding`]: which client request data goes to the backend.
 //! - [`origin`]: `OriginPolicy`, which browser origins may connect.
 //! - [`breaker`]: `CircuitBreaker`, when to stop calling a failing backend.
@@ -30,6 +33,7 @@
 //! - [`coalesce`]: `Coalescer`, identical concurrent bootstrap requests
 //!   share one call.
 //! - [`session`]: one websocket connection, bootstrap to close.
+//! - [`refresh`]: `Refresh`, one session's permission refreshes.
 //! - [`broker`]: the `Broker` trait and its transports.
 //! - [`http`]: routes: `/ws/`, `/trigger`, `/healthz`, `/readyz`, `/metrics`.
 //! - [`gateway`]: `Gateway`, the state shared by all of the above.
@@ -67,6 +71,7 @@ pub mod origin;
 pub mod outbound;
 pub mod process;
 pub mod protocol;
+pub mod refresh;
 pub mod room;
 pub mod server;
 pub mod session;

@@ -37,7 +37,7 @@ use futures_util::{FutureExt, SinkExt, StreamExt};
 use tokio::time::{Instant, Sleep, sleep_until};
 use tracing::{debug, info, warn};
 
-use crate::backend::{Bootstrap, BootstrapError, CLOSE_TRY_AGAIN_LATER, CLOSE_UNAUTHORIZED, PERIODIC};
+use crate::backend::{Bootstrap, BootstrapError, CLOSE_TRY_AGAIN_LATER, CLOSE_UNAUTHORIZED};
 use crate::config::seconds;
 use crate::gateway::Gateway;
 use crate::identity::UserId;
@@ -46,6 +46,7 @@ use crate::log_throttle::LogThrottle;
 use crate::metrics::{Outcome, Reason};
 use crate::outbound::{OutboundQueue, Ready};
 use crate::protocol::{self, ClientFrame, RequestError, RequestId, RequestIdField};
+use crate::refresh::Refresh;
 use crate::room::Room;
 
 /// Close code when a client message exceeds `limits.maxMessageBytes`.
@@ -134,8 +135,6 @@ struct Session {
     /// Who the connection belongs to (`permissions.userPath`), registered
     /// with the hub for control messages.
     user: Option<UserId>,
-    /// The forwarded bootstrap request, replayed by refreshes.
-    request: Vec<(HeaderName, HeaderValue)>,
     /// Shared process state.
     gateway: Arc<Gateway>,
 }
@@ -258,29 +257,6 @@ impl Session {
     }
 }
 
-/// What the forwarded request holds, bytes, roughly (kept for refreshes).
-fn request_bytes(request: &[(HeaderName, HeaderValue)]) -> usize {
-    request.iter().map(|(name, value)| name.as_str().len() + value.len() + 64).sum()
-}
-
-/// A refresh's bootstrap call, running beside the session's loop.
-type RefreshCall = Pin<Box<dyn Future<Output = Result<Bootstrap, BootstrapError>> + Send>>;
-
-fn refresh_call(gateway: Arc<Gateway>, request: Vec<(HeaderName, HeaderValue)>, generation: u64) -> RefreshCall {
-    Box::pin(async move { gateway.backend.bootstrap(request, None, &gateway.admission, generation).await })
-}
-
-/// `base` ±20 %, so connections opened together do not refresh together.
-fn jittered(base: Duration) -> Duration {
-    base.mul_f64(0.8 + 0.4 * rand::random::<f64>())
-}
-
-/// The wait before retrying the `attempt`th failed refresh: 1 s doubling
-/// to 30 s, jittered.
-fn refresh_backoff(attempt: u32) -> Duration {
-    jittered(Duration::from_secs(1u64 << attempt.min(5)).min(Duration::from_secs(30)))
-}
-
 /// What one subscription holds, roughly: its room twice (the session's map
 /// and the hub's index), its id twice (map key and publish suffix), and the
 /// entries around them.
@@ -321,16 +297,14 @@ struct Deadlines {
     ping_at: Instant,
     /// Shutdown: close with 1001 then (a random point of the close window).
     close_at: Option<Instant>,
-    /// Re-run bootstrap then (periodic refresh, or a failed one's retry).
-    refresh_at: Option<Instant>,
 }
 
 impl Deadlines {
-    /// The earliest of them.
-    fn next(&self) -> Instant {
+    /// The earliest of them, and `refresh` (the next refresh call's).
+    fn next(&self, refresh: Option<Instant>) -> Instant {
         let next = self.idle_at.min(self.ping_at);
         let next = self.close_at.map_or(next, |close| close.min(next));
-        self.refresh_at.map_or(next, |refresh| refresh.min(next))
+        refresh.map_or(next, |refresh| refresh.min(next))
     }
 }
 
@@ -512,7 +486,9 @@ async fn serve(
     let _open = OpenConnection(gateway.clone());
     let started = std::time::Instant::now();
     let limits = &gateway.config.limits;
-    let idle_timeout = seconds(limits.idle_timeout_seconds);
+    // Durations are computed from the config where used, not kept: every
+    // local here sizes every connection's task.
+    let idle_timeout = || seconds(gateway.config.limits.idle_timeout_seconds);
 
     // Boxed: the HTTP call's state would otherwise be part of this task's
     // allocation for the whole life of the connection.
@@ -549,7 +525,7 @@ async fn serve(
     // does not read it must not hold the connection past the idle timeout.
     // Boxed: it would otherwise size every connection's task.
     let first = Message::Text(protocol::authorized(&allowed).into());
-    match Box::pin(tokio::time::timeout(idle_timeout, socket.send(first))).await {
+    match Box::pin(tokio::time::timeout(idle_timeout(), socket.send(first))).await {
         Ok(Ok(())) => {}
         Ok(Err(_)) => return,
         Err(_) => {
@@ -563,43 +539,32 @@ async fn serve(
     let mut session = Session {
         allowed,
         subscriptions: HashMap::new(),
-        held_bytes: allowed_bytes + request_bytes(&request),
+        held_bytes: allowed_bytes,
         queue: queue.clone(),
         user: None,
-        request,
         gateway: gateway.clone(),
     };
     session.set_user(user);
-    let refresh_every = gateway.config.permissions.refresh_seconds;
-    let periodic = (refresh_every > 0.0).then(|| seconds(refresh_every));
-    // The refresh call in flight, if any; the generation of the next one
-    // the timer starts; failed calls in a row.
-    let mut refreshing: Option<RefreshCall> = None;
-    let mut next_refresh = PERIODIC;
-    let mut refresh_failures = 0u32;
-
-    let ping_every = seconds(limits.ping_interval_seconds);
     let now = Instant::now();
-    let mut clock = Deadlines {
-        idle_at: now + idle_timeout,
-        ping_at: now + ping_every,
-        close_at: None,
-        refresh_at: periodic.map(|every| now + jittered(every)),
-    };
-    let timer = sleep_until(clock.next());
+    let mut refresh = Refresh::new(request, &gateway, now);
+    session.held_bytes += refresh.request_bytes();
+
+    let ping_every = || seconds(gateway.config.limits.ping_interval_seconds);
+    let mut clock = Deadlines { idle_at: now + idle_timeout(), ping_at: now + ping_every(), close_at: None };
+    let timer = sleep_until(clock.next(refresh.due()));
     tokio::pin!(timer);
     let shutdown = gateway.close_sessions.cancelled();
     tokio::pin!(shutdown);
     // On shutdown each session waits a random part of the close window, so
     // clients reconnect to other pods spread out rather than all at once.
-    let window = seconds(gateway.config.shutdown.close_window_seconds);
+    let window = || seconds(gateway.config.shutdown.close_window_seconds);
 
     let stop = loop {
-        let can_refresh = refreshing.is_none();
+        let can_refresh = !refresh.is_running();
         tokio::select! {
             biased;
             _ = &mut shutdown, if clock.close_at.is_none() => {
-                clock.close_at = Some(Instant::now() + window.mul_f64(rand::random::<f64>()));
+                clock.close_at = Some(Instant::now() + window().mul_f64(rand::random::<f64>()));
             }
             _ = timer.as_mut() => {
                 let now = Instant::now();
@@ -609,38 +574,30 @@ async fn serve(
                 if now >= clock.idle_at {
                     break Stop::Idle;
                 }
-                if clock.refresh_at.is_some_and(|at| now >= at) {
-                    clock.refresh_at = None;
-                    if refreshing.is_none() {
-                        refreshing = Some(refresh_call(gateway.clone(), session.request.clone(), next_refresh));
-                    }
-                }
+                refresh.start_if_due(&gateway, now);
                 if now >= clock.ping_at {
-                    clock.ping_at = now + ping_every;
+                    clock.ping_at = now + ping_every();
                     let ping = async { socket.send(Message::Ping(Default::default())).await.map_err(|_| Stop::ClientGone) };
                     if let Err(stop) = write_or_stop(pin!(ping), &queue, timer.as_mut(), clock.idle_at).await {
                         break stop;
                     }
                 }
                 // Fired early (activity moved a deadline): look again later.
-                timer.as_mut().reset(clock.next());
+                timer.as_mut().reset(clock.next(refresh.due()));
             }
             frame = socket.next() => {
                 // Boxed (once per burst of client frames, not per delivery):
                 // it is the largest state and would size every idle task.
                 match write_or_stop(Box::pin(answer_frames(&mut socket, &mut session, frame)).as_mut(), &queue, timer.as_mut(), clock.idle_at).await {
-                    Ok(true) => clock.idle_at = Instant::now() + idle_timeout,
+                    Ok(true) => clock.idle_at = Instant::now() + idle_timeout(),
                     Ok(false) => {}
                     Err(stop) => break stop,
                 }
             }
-            answer = poll_fn(|cx| refreshing.as_mut().map_or(Poll::Pending, |call| call.as_mut().poll(cx))) => {
-                refreshing = None;
+            answer = poll_fn(|cx| refresh.poll_answer(cx)) => {
                 match answer {
                     Ok(answer) => {
-                        refresh_failures = 0;
-                        next_refresh = PERIODIC;
-                        clock.refresh_at = periodic.map(|every| Instant::now() + jittered(every));
+                        refresh.succeeded(&gateway, Instant::now());
                         let frames = match session.refreshed(answer) {
                             Ok(frames) => frames,
                             Err(stop) => break stop,
@@ -649,7 +606,8 @@ async fn serve(
                         gateway.metrics.permission_refreshes.get_or_create(&Outcome { outcome }).inc();
                         if !frames.is_empty() {
                             info!(peer = %peer, revoked = frames.len(), "subscriptions revoked by a refresh");
-                            if let Err(stop) = write_or_stop(pin!(write_frames(&mut socket, frames)), &queue, timer.as_mut(), clock.idle_at).await {
+                            // Boxed: rare, and it would size every task.
+                            if let Err(stop) = write_or_stop(Box::pin(write_frames(&mut socket, frames)).as_mut(), &queue, timer.as_mut(), clock.idle_at).await {
                                 break stop;
                             }
                         }
@@ -666,22 +624,14 @@ async fn serve(
                         if let Some(suppressed) = FAILED.allow() {
                             warn!(error = %e, suppressed, "permission refresh failed: current permissions kept, retrying");
                         }
-                        let wait = refresh_backoff(refresh_failures);
-                        refresh_failures = refresh_failures.saturating_add(1);
-                        clock.refresh_at = Some(Instant::now() + wait);
+                        refresh.failed(Instant::now());
                     }
                 }
             }
             ready = poll_fn(|cx| queue.poll_ready(cx, can_refresh)) => match ready {
                 Ready::Overflowed => break Stop::SlowConsumer,
                 Ready::Disconnect(code) => break Stop::Disconnected(code),
-                Ready::Refresh(generation) => {
-                    // A retry pending for an older request is superseded.
-                    next_refresh = generation;
-                    refresh_failures = 0;
-                    clock.refresh_at = None;
-                    refreshing = Some(refresh_call(gateway.clone(), session.request.clone(), generation));
-                }
+                Ready::Refresh(generation) => refresh.start(&gateway, generation),
                 Ready::Deliveries => {
                     if let Err(stop) = write_or_stop(pin!(write_batch(&mut socket, &queue)), &queue, timer.as_mut(), clock.idle_at).await {
                         break stop;
@@ -690,8 +640,9 @@ async fn serve(
             },
         }
         // Only ever moved earlier here; a timer that fires early re-arms itself.
-        if clock.next() < timer.deadline() {
-            timer.as_mut().reset(clock.next());
+        let next = clock.next(refresh.due());
+        if next < timer.deadline() {
+            timer.as_mut().reset(next);
         }
     };
 
