@@ -37,9 +37,15 @@ pub struct Refresh {
 }
 
 impl Refresh {
-    /// The state of a session authorised at `now` with `request`.
+    /// The state of a session whose bootstrap request is `request`; the
+    /// first periodic refresh is scheduled once it is authorised.
     pub fn new(request: Vec<(HeaderName, HeaderValue)>, gateway: &Gateway, now: Instant) -> Box<Refresh> {
         Box::new(Refresh { request, call: None, generation: PERIODIC, failures: 0, due: periodic(gateway, now) })
+    }
+
+    /// Schedules the first periodic refresh, for a session authorised at `now`.
+    pub fn schedule_periodic(&mut self, gateway: &Gateway, now: Instant) {
+        self.due = periodic(gateway, now);
     }
 
     /// What the kept request holds, bytes, roughly (per-connection budget).

@@ -486,15 +486,16 @@ async fn serve(
     let _open = OpenConnection(gateway.clone());
     let started = std::time::Instant::now();
     let limits = &gateway.config.limits;
-    // Durations are computed from the config where used, not kept: every
-    // local here sizes every connection's task.
-    let idle_timeout = || seconds(gateway.config.limits.idle_timeout_seconds);
+    // Durations are computed from the config where used, not kept (nor
+    // captured by closures): every local here sizes every connection's task.
+    let idle_timeout = |g: &Gateway| seconds(g.config.limits.idle_timeout_seconds);
 
     // Boxed: the HTTP call's state would otherwise be part of this task's
     // allocation for the whole life of the connection.
     // The admission slot is held for the call only (inside the box, so it
     // does not size the task).
-    let request = backend_headers.clone();
+    // Boxed before the call: the kept request costs the task a pointer.
+    let mut refresh = Refresh::new(backend_headers.clone(), &gateway, Instant::now());
     let bootstrap = gateway.backend.bootstrap(backend_headers, admitted, &gateway.admission, crate::backend::CONNECT);
     let Bootstrap { allowed, user } = match Box::pin(bootstrap).await {
         Ok(answer) => answer,
@@ -525,7 +526,7 @@ async fn serve(
     // does not read it must not hold the connection past the idle timeout.
     // Boxed: it would otherwise size every connection's task.
     let first = Message::Text(protocol::authorized(&allowed).into());
-    match Box::pin(tokio::time::timeout(idle_timeout(), socket.send(first))).await {
+    match Box::pin(tokio::time::timeout(idle_timeout(&gateway), socket.send(first))).await {
         Ok(Ok(())) => {}
         Ok(Err(_)) => return,
         Err(_) => {
@@ -546,25 +547,26 @@ async fn serve(
     };
     session.set_user(user);
     let now = Instant::now();
-    let mut refresh = Refresh::new(request, &gateway, now);
+    refresh.schedule_periodic(&gateway, now);
     session.held_bytes += refresh.request_bytes();
 
-    let ping_every = || seconds(gateway.config.limits.ping_interval_seconds);
-    let mut clock = Deadlines { idle_at: now + idle_timeout(), ping_at: now + ping_every(), close_at: None };
+    let ping_every = |g: &Gateway| seconds(g.config.limits.ping_interval_seconds);
+    let mut clock =
+        Deadlines { idle_at: now + idle_timeout(&gateway), ping_at: now + ping_every(&gateway), close_at: None };
     let timer = sleep_until(clock.next(refresh.due()));
     tokio::pin!(timer);
     let shutdown = gateway.close_sessions.cancelled();
     tokio::pin!(shutdown);
     // On shutdown each session waits a random part of the close window, so
     // clients reconnect to other pods spread out rather than all at once.
-    let window = || seconds(gateway.config.shutdown.close_window_seconds);
+    let window = |g: &Gateway| seconds(g.config.shutdown.close_window_seconds);
 
     let stop = loop {
         let can_refresh = !refresh.is_running();
         tokio::select! {
             biased;
             _ = &mut shutdown, if clock.close_at.is_none() => {
-                clock.close_at = Some(Instant::now() + window().mul_f64(rand::random::<f64>()));
+                clock.close_at = Some(Instant::now() + window(&gateway).mul_f64(rand::random::<f64>()));
             }
             _ = timer.as_mut() => {
                 let now = Instant::now();
@@ -576,7 +578,7 @@ async fn serve(
                 }
                 refresh.start_if_due(&gateway, now);
                 if now >= clock.ping_at {
-                    clock.ping_at = now + ping_every();
+                    clock.ping_at = now + ping_every(&gateway);
                     let ping = async { socket.send(Message::Ping(Default::default())).await.map_err(|_| Stop::ClientGone) };
                     if let Err(stop) = write_or_stop(pin!(ping), &queue, timer.as_mut(), clock.idle_at).await {
                         break stop;
@@ -589,7 +591,7 @@ async fn serve(
                 // Boxed (once per burst of client frames, not per delivery):
                 // it is the largest state and would size every idle task.
                 match write_or_stop(Box::pin(answer_frames(&mut socket, &mut session, frame)).as_mut(), &queue, timer.as_mut(), clock.idle_at).await {
-                    Ok(true) => clock.idle_at = Instant::now() + idle_timeout(),
+                    Ok(true) => clock.idle_at = Instant::now() + idle_timeout(&gateway),
                     Ok(false) => {}
                     Err(stop) => break stop,
                 }
