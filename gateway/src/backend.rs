@@ -15,6 +15,7 @@ use serde_json::value::RawValue;
 use tracing::warn;
 
 use crate::admission::{Admission, Admitted};
+use crate::answer_cache::AnswerCache;
 use crate::breaker::{CircuitBreaker, Permit};
 use crate::coalesce::Coalescer;
 use crate::config::{BackendConfig, seconds};
@@ -112,6 +113,19 @@ pub struct BootstrapClient {
     coalescer: Option<Coalescer<CallKey, Result<Bootstrap, BootstrapError>>>,
     /// `permissions.userPath`.
     user_path: Option<UserPath>,
+    /// Answers kept for identical connects (`backend.answerReuse`).
+    answers: Option<std::sync::Mutex<KeptAnswers>>,
+    /// Control messages received so far (the hub's count): kept answers
+    /// from before the latest are dropped.
+    controls: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// The answer cache and the control count it was filled under.
+struct KeptAnswers {
+    /// Answers by request.
+    cache: AnswerCache<ForwardedRequest, Bootstrap>,
+    /// The control count when they were kept.
+    controls: u64,
 }
 
 /// Why the client cannot be built.
@@ -187,7 +201,43 @@ impl BootstrapClient {
             breaker: std::sync::Mutex::new(CircuitBreaker::new(&config.circuit_breaker)),
             coalescer: config.coalesce.then(Coalescer::default),
             user_path: None,
+            answers: (config.answer_reuse.seconds > 0.0).then(|| {
+                let reuse = &config.answer_reuse;
+                std::sync::Mutex::new(KeptAnswers {
+                    cache: AnswerCache::new(seconds(reuse.seconds), reuse.max_entries, reuse.max_bytes),
+                    controls: 0,
+                })
+            }),
+            controls: std::sync::Arc::default(),
         })
+    }
+
+    /// Drops kept answers whenever `controls` (the hub's count of control
+    /// messages) moves: a kept answer may predate a revocation.
+    pub fn with_control_count(mut self, controls: std::sync::Arc<std::sync::atomic::AtomicU64>) -> BootstrapClient {
+        self.controls = controls;
+        self
+    }
+
+    /// The kept answers, emptied if a control message came since they were kept.
+    fn kept(&self) -> Option<std::sync::MutexGuard<'_, KeptAnswers>> {
+        let mut kept = self.answers.as_ref()?.lock().unwrap_or_else(|e| e.into_inner());
+        let controls = self.controls.load(std::sync::atomic::Ordering::Relaxed);
+        if kept.controls != controls {
+            kept.cache.clear();
+            kept.controls = controls;
+        }
+        Some(kept)
+    }
+
+    /// Keeps a successful answer for identical connects.
+    fn keep(&self, headers: ForwardedRequest, answer: &Bootstrap) {
+        if let Some(mut kept) = self.kept() {
+            let bytes = answer.allowed.iter().map(Room::approx_bytes).sum::<usize>()
+                + headers.iter().map(|(n, v)| n.as_str().len() + v.len() + 64).sum::<usize>();
+            kept.cache.insert(headers, answer.clone(), bytes, Instant::now());
+            self.metrics.answers_kept.set(kept.cache.len() as i64);
+        }
     }
 
     /// Reads the user identity of each answer at `path`.
@@ -228,7 +278,8 @@ impl BootstrapClient {
     /// Whether an identical call (same forwarded `headers`) is in flight:
     /// an upgrade that would join it needs no admission slot.
     pub fn joins_call_in_flight(&self, headers: &ForwardedRequest) -> bool {
-        self.coalescer.as_ref().is_some_and(|c| c.is_in_flight(&(CONNECT, headers.clone())))
+        self.kept().is_some_and(|mut kept| kept.cache.contains(headers, Instant::now()))
+            || self.coalescer.as_ref().is_some_and(|c| c.is_in_flight(&(CONNECT, headers.clone())))
     }
 
     /// Calls the backend with the forwarded `headers`, unless the circuit
@@ -244,6 +295,14 @@ impl BootstrapClient {
         admission: &Admission,
         generation: u64,
     ) -> Result<Bootstrap, BootstrapError> {
+        // Only connects take a kept answer: a refresh asks the backend.
+        if generation == CONNECT
+            && let Some(answer) = self.kept().and_then(|mut kept| kept.cache.get(&headers, Instant::now()))
+        {
+            self.metrics.bootstrap_reused.inc();
+            self.metrics.auth.get_or_create(&Outcome { outcome: "authorized" }).inc();
+            return Ok(answer);
+        }
         let (permit, state) = {
             let mut breaker = self.breaker();
             (breaker.permit(Instant::now()), breaker.state())
@@ -259,6 +318,7 @@ impl BootstrapClient {
         let mut pending = PendingCall { client: self, permit, done: false };
         let start = Instant::now();
         let key = self.coalescer.as_ref().map(|_| (generation, headers.clone()));
+        let keep = self.answers.as_ref().map(|_| headers.clone());
         let call = async move {
             let _slot = match held {
                 Some(slot) => slot,
@@ -286,6 +346,9 @@ impl BootstrapClient {
             Err(e) => e.outcome(),
         };
         self.metrics.auth.get_or_create(&Outcome { outcome }).inc();
+        if let (Some(headers), Ok(answer)) = (keep, &result) {
+            self.keep(headers, answer);
+        }
         result
     }
 }

@@ -89,6 +89,28 @@ pub struct BackendConfig {
     /// (same headers, credentials included: one user's tabs) share one
     /// bootstrap call.
     pub coalesce: bool,
+    /// Keep successful answers for a short time for identical requests.
+    pub answer_reuse: AnswerReuseConfig,
+}
+
+/// Bootstrap answers reused by identical connects (`answer_cache::AnswerCache`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct AnswerReuseConfig {
+    /// How long a successful answer is given to connects sending the
+    /// identical forwarded request; 0 (the default): not kept.
+    pub seconds: f64,
+    /// Most answers kept.
+    pub max_entries: usize,
+    /// Most bytes the kept answers hold (rooms and requests, roughly); an
+    /// answer over a quarter of it is not kept.
+    pub max_bytes: usize,
+}
+
+impl Default for AnswerReuseConfig {
+    fn default() -> Self {
+        AnswerReuseConfig { seconds: 0.0, max_entries: 10_000, max_bytes: 16 << 20 }
+    }
 }
 
 /// The backend's circuit breaker (`breaker::CircuitBreaker`).
@@ -145,6 +167,7 @@ impl Default for BackendConfig {
             admission: AdmissionConfig::default(),
             circuit_breaker: CircuitBreakerConfig::default(),
             coalesce: true,
+            answer_reuse: AnswerReuseConfig::default(),
         }
     }
 }
@@ -477,6 +500,10 @@ impl Config {
         at_least_one("backend.maxBodyBytes", self.backend.max_body_bytes)?;
         if !(self.trigger.body_timeout_seconds > 0.0 && self.trigger.body_timeout_seconds <= 3600.0) {
             return Err(invalid("trigger.bodyTimeoutSeconds", "must be more than 0 and at most 3600"));
+        }
+        let reuse = self.backend.answer_reuse.seconds;
+        if !(reuse == 0.0 || (0.001..=3600.0).contains(&reuse)) {
+            return Err(invalid("backend.answerReuse.seconds", "must be 0 (off) or at most 3600"));
         }
         if let Some(path) = &self.permissions.user_path {
             crate::identity::UserPath::parse(path).map_err(|e| invalid("permissions.userPath", &e.to_string()))?;

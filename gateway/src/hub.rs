@@ -44,8 +44,10 @@ pub struct Hub {
     index: Mutex<RoomIndex<Subscriber>>,
     /// Sessions with a user identity, by identity (a user's tabs).
     users: Mutex<HashMap<UserId, Vec<Arc<OutboundQueue>>>>,
-    /// Control messages received, so far: the generation of the next refresh.
-    controls: AtomicU64,
+    /// Control messages received so far: the generation of the last one's
+    /// refreshes. Shared with the bootstrap client, whose kept answers
+    /// predate a control message once it changes.
+    controls: Arc<AtomicU64>,
     /// Next subscription id.
     next_id: AtomicU64,
     /// Process metrics (also the source of the `status` counters).
@@ -60,7 +62,7 @@ impl Hub {
         Hub {
             index: Mutex::new(RoomIndex::new()),
             users: Mutex::default(),
-            controls: AtomicU64::new(0),
+            controls: Arc::default(),
             next_id: AtomicU64::new(1),
             metrics,
             online_since: SystemTime::now(),
@@ -71,6 +73,11 @@ impl Hub {
         // A panic while holding the lock cannot leave the index half-updated
         // in a way that matters more than losing the process; keep serving.
         self.index.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The count of control messages received, shared.
+    pub fn control_count(&self) -> Arc<AtomicU64> {
+        self.controls.clone()
     }
 
     fn users(&self) -> MutexGuard<'_, HashMap<UserId, Vec<Arc<OutboundQueue>>>> {

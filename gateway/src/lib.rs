@@ -30,6 +30,7 @@
 //! - [`backend`]: `BootstrapClient`, the call to the existing API.
 //! - [`admission`]: `Admission`, bootstrap calls in flight at once and
 //!   their bounded queue.
+//! - [`answer_cache`]: `AnswerCache`, answers kept for identical connects.
 //! - [`coalesce`]: `Coalescer`, identical concurrent bootstrap requests
 //!   share one call.
 //! - [`session`]: one websocket connection, bootstrap to close.
@@ -50,6 +51,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admission;
+pub mod answer_cache;
 pub mod backend;
 pub mod breaker;
 pub mod broker;

@@ -62,6 +62,10 @@ pub struct Metrics {
     pub bootstrap_queued: Gauge,
     /// Bootstraps answered by another connection's identical call.
     pub bootstrap_coalesced: Counter,
+    /// Connects answered with a kept answer (`backend.answerReuse`).
+    pub bootstrap_reused: Counter,
+    /// Answers kept now (`backend.answerReuse`).
+    pub answers_kept: Gauge,
     /// Connections refused before the upgrade, by reason.
     pub connections_refused: Family<Reason, Counter>,
     /// Bootstrap outcomes (`authorized`, `denied`, `invalid_body`, `unavailable`).
@@ -122,6 +126,8 @@ impl Metrics {
             bootstrap_in_flight: Gauge::default(),
             bootstrap_queued: Gauge::default(),
             bootstrap_coalesced: Counter::default(),
+            bootstrap_reused: Counter::default(),
+            answers_kept: Gauge::default(),
             http_connections_limit: Gauge::default(),
             http_connections_closed: Family::default(),
             accept_errors: Counter::default(),
@@ -183,6 +189,12 @@ impl Metrics {
             "Bootstraps answered by a concurrent identical call",
             m.bootstrap_coalesced.clone(),
         );
+        r.register(
+            "bootstrap_reused",
+            "Connects answered with a kept answer to an identical request (backend.answerReuse)",
+            m.bootstrap_reused.clone(),
+        );
+        r.register("bootstrap_answers_kept", "Bootstrap answers kept for reuse now", m.answers_kept.clone());
         r.register("auth", "Backend bootstrap outcomes", m.auth.clone());
         r.register("subscriptions_active", "Subscriptions held now", m.subscriptions_active.clone());
         r.register("rooms_active", "Distinct subscribed rooms now", m.rooms_active.clone());

@@ -90,7 +90,9 @@ impl Server {
                     .map_err(|e| ConfigError::Invalid { field: "permissions.userPath", message: e.to_string() })?,
             ),
         };
-        let backend = BootstrapClient::new(&config.backend, metrics.clone())?.with_user_path(user_path);
+        let backend = BootstrapClient::new(&config.backend, metrics.clone())?
+            .with_user_path(user_path)
+            .with_control_count(hub.control_count());
         let forwarding = ForwardingTable::new(&config.backend.forward)
             .map_err(|e| ConfigError::Invalid { field: "backend.forward", message: e.to_string() })?;
         let origins = crate::origin::OriginPolicy::new(&config.security.allowed_origins)

@@ -197,3 +197,54 @@ async fn joining_a_call_in_flight_takes_no_slot() {
     assert_eq!(backend.seen().len(), 1);
     assert_eq!(gw.metric("hightemplar_bootstrap_coalesced_total").await, 9.0);
 }
+
+#[tokio::test]
+async fn answers_are_reused_only_for_the_identical_request_and_only_when_configured() {
+    let backend = TestBackend::new()
+        .answer("alice", Answer::rooms(json!([{"team": "red"}])))
+        .answer("bob", Answer::rooms(json!([{"team": "blue"}])));
+    let gw = TestGateway::with_backend(&backend, "backend: {answerReuse: {seconds: 60}}").await;
+    let calls = |token: &'static str| {
+        let backend = backend.clone();
+        move || {
+            backend
+                .seen()
+                .iter()
+                .filter(|h| h.get("authorization").is_some_and(|v| v == &format!("Token {token}")))
+                .count()
+        }
+    };
+    let (alice_calls, bob_calls) = (calls("alice"), calls("bob"));
+    for _ in 0..3 {
+        let mut c = gw.client("alice").await;
+        assert_eq!(c.subscribe(json!({"team": "red"}), json!(1)).await["code"], "success");
+    }
+    assert_eq!(alice_calls(), 1, "one call, then the kept answer");
+    assert_eq!(gw.metric("hightemplar_bootstrap_reused_total").await, 2.0);
+    // Other credentials never get it.
+    let mut bob = gw.client("bob").await;
+    assert_eq!(bob.subscribe(json!({"team": "red"}), json!(1)).await["code"], "error");
+    assert_eq!(bob.subscribe(json!({"team": "blue"}), json!(2)).await["code"], "success");
+    assert_eq!(bob_calls(), 1);
+    // A control message may be a revocation: kept answers are dropped, and
+    // its refresh asks the backend.
+    assert_eq!(gw.trigger(&json!({"control": "refresh", "subscribed": [{"team": "blue"}]})).await, 202);
+    common::eventually("bob's refresh called the backend", || async { bob_calls() == 2 }).await;
+    let _ = backend.clone().answer("alice", Answer::rooms(json!([])));
+    let mut c = gw.client("alice").await;
+    assert_eq!(
+        c.subscribe(json!({"team": "red"}), json!(1)).await["code"],
+        "error",
+        "the new answer, not the kept one"
+    );
+    assert_eq!(alice_calls(), 2);
+
+    // Off by default: every connect calls the backend.
+    let plain = TestGateway::with_backend(&backend, "").await;
+    let before = bob_calls();
+    for _ in 0..2 {
+        plain.client("bob").await;
+    }
+    assert_eq!(bob_calls(), before + 2);
+    assert_eq!(plain.metric("hightemplar_bootstrap_reused_total").await, 0.0);
+}

@@ -150,6 +150,13 @@ pub struct BackendSpec {
     /// (same credentials: one user's tabs) share one bootstrap call.
     #[serde(default = "default_coalesce")]
     pub coalesce: bool,
+    /// Keep a successful answer this long for connects sending the
+    /// identical request (a reconnect storm of users who just connected
+    /// costs the backend nothing); 0 (default): not kept. Control messages
+    /// drop kept answers.
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 3600))]
+    pub answer_reuse_seconds: i32,
 }
 
 fn default_coalesce() -> bool {

@@ -53,6 +53,7 @@ pub fn gateway_config(spec: &HighTemplarSpec) -> Config {
     c.backend.admission.max_queued = usize::try_from(admission.max_queued).unwrap_or(c.backend.admission.max_queued);
     c.backend.admission.max_wait_seconds = admission.max_wait_seconds as f64;
     c.backend.coalesce = spec.backend.coalesce;
+    c.backend.answer_reuse.seconds = f64::from(spec.backend.answer_reuse_seconds);
     let breaker = &spec.backend.circuit_breaker;
     c.backend.circuit_breaker.enabled = breaker.enabled;
     c.backend.circuit_breaker.window = usize::try_from(breaker.window).unwrap_or(c.backend.circuit_breaker.window);

@@ -27,6 +27,7 @@ impl Fixture {
                 admission: Default::default(),
                 circuit_breaker: Default::default(),
                 coalesce: true,
+                answer_reuse_seconds: 0,
             },
             rabbitmq: None,
             trigger: None,
@@ -114,6 +115,7 @@ fn config_map_is_a_valid_gateway_config() {
             s.limits.handshake_timeout_seconds = 7;
             s.limits.max_pending_connections = 99;
             s.backend.admission.max_concurrent = 16;
+            s.backend.answer_reuse_seconds = 3;
             s.backend.circuit_breaker.failure_percent = 25;
             s.security.allowed_origins = vec!["https://*.example.com".into()];
             s.security.trusted_proxies = vec!["10.0.0.0/8".into()];
@@ -139,6 +141,7 @@ fn config_map_is_a_valid_gateway_config() {
     assert_eq!(config.limits.handshake_timeout_seconds, 7.0);
     assert_eq!(config.limits.max_pending_connections, 99);
     assert_eq!(config.backend.admission.max_concurrent, 16);
+    assert_eq!(config.backend.answer_reuse.seconds, 3.0);
     assert_eq!(config.backend.admission.max_wait_seconds, 5.0);
     assert_eq!(config.backend.circuit_breaker.failure_ratio, 0.25);
     assert_eq!(config.backend.circuit_breaker.window, 20);
