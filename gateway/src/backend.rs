@@ -146,6 +146,7 @@ impl BootstrapClient {
             .and_then(|b| b.join(&config.bootstrap_path))
             .map_err(|e| BackendSetupError::Url(e.to_string()))?;
         let timeout = seconds(config.timeout_seconds);
+        crate::tls::install_default_provider();
         let mut builder = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(timeout)

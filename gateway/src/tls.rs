@@ -14,6 +14,7 @@
 //! logs, `/readyz`, metrics and the operator's `BrokerReady` condition.
 
 use std::path::{Path, PathBuf};
+
 use std::sync::{Arc, OnceLock};
 
 use rustls::pki_types::pem::PemObject;
@@ -38,7 +39,7 @@ pub enum TlsError {
         source: std::io::Error,
     },
     /// The CA or client certificate file holds no PEM certificate.
-    #[error("{what}: no PEM certificate in it (expected '-----BEGIN CERTIFICATE-----' blocks)")]
+    #[error("{what}: no PEM certificate in it (expected 'BEGIN CERTIFICATE' blocks)")]
     NoCertificate {
         /// The setting.
         what: String,
@@ -94,33 +95,46 @@ pub enum TlsError {
     },
 }
 
-/// PEM material of a client TLS configuration, from files or a Secret.
+/// One PEM document and what it is called in messages
+/// (`broker.amqp.tls.caFile /etc/ca.pem`, `Secret ns/name key ca.crt`).
+#[derive(Clone)]
+pub struct Pem {
+    /// The setting or Secret it comes from.
+    pub name: String,
+    /// The PEM text.
+    pub pem: Vec<u8>,
+}
+
+/// PEM material of a client TLS configuration, from files or Secrets.
 #[derive(Clone, Default)]
 pub struct TlsMaterial {
     /// CA certificates trusted instead of the system store.
-    pub ca_pem: Option<Vec<u8>>,
-    /// Client certificate chain and its private key.
-    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+    pub ca: Option<Pem>,
+    /// Client certificate chain, and its private key.
+    pub identity: Option<(Pem, Pem)>,
 }
 
 impl std::fmt::Debug for TlsMaterial {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TlsMaterial")
-            .field("ca_pem", &self.ca_pem.as_ref().map(|p| p.len()))
-            .field("identity", &self.identity.as_ref().map(|_| "<redacted>"))
+            .field("ca", &self.ca.as_ref().map(|p| &p.name))
+            .field("identity", &self.identity.as_ref().map(|(cert, key)| (&cert.name, &key.name)))
             .finish()
     }
 }
 
-fn read(what: &str, path: &Path) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|source| TlsError::Read { what: what.to_string(), path: path.to_owned(), source })
+fn read(field: &str, path: &Path) -> Result<Pem, TlsError> {
+    match std::fs::read(path) {
+        Ok(pem) => Ok(Pem { name: format!("{field} {}", path.display()), pem }),
+        Err(source) => Err(TlsError::Read { what: field.to_string(), path: path.to_owned(), source }),
+    }
 }
 
 impl TlsMaterial {
     /// Reads the files of `config`; `field` is its dotted path
     /// (`broker.amqp.tls`) for messages.
     pub fn from_files(config: &TlsConfig, field: &str) -> Result<TlsMaterial, TlsError> {
-        let ca_pem = match &config.ca_file {
+        let ca = match &config.ca_file {
             Some(path) => Some(read(&format!("{field}.caFile"), path)?),
             None => None,
         };
@@ -131,14 +145,14 @@ impl TlsMaterial {
             // Validated config sets both or neither.
             _ => None,
         };
-        Ok(TlsMaterial { ca_pem, identity })
+        Ok(TlsMaterial { ca, identity })
     }
 
-    /// The rustls client configuration; `what` prefixes messages
-    /// (`broker.amqp.tls`, `Secret default/rabbitmq-ca`).
+    /// The rustls client configuration; `what` names the whole
+    /// (`broker.amqp.tls`, `spec.rabbitmq.tls`) in messages about it.
     pub fn client_config(&self, what: &str) -> Result<Arc<ClientConfig>, TlsError> {
-        let roots = match &self.ca_pem {
-            Some(pem) => ca_roots(pem, &format!("{what} CA"))?,
+        let roots = match &self.ca {
+            Some(ca) => ca_roots(ca)?,
             None => system_roots().map_err(|reason| TlsError::NoSystemRoots { what: what.to_string(), reason })?,
         };
         let builder = ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
@@ -147,11 +161,9 @@ impl TlsMaterial {
             .with_root_certificates(roots);
         let config = match &self.identity {
             None => builder.with_no_client_auth(),
-            Some((cert_pem, key_pem)) => {
-                let cert_what = format!("{what} client certificate");
-                let chain = certificates(cert_pem, &cert_what)?;
-                let key = PrivateKeyDer::from_pem_slice(key_pem)
-                    .map_err(|_| TlsError::NoKey { what: format!("{what} client key") })?;
+            Some((cert, key)) => {
+                let chain = certificates(cert)?;
+                let key = PrivateKeyDer::from_pem_slice(&key.pem).map_err(|_| TlsError::NoKey { what: key.name.clone() })?;
                 builder
                     .with_client_auth_cert(chain, key)
                     .map_err(|e| TlsError::Identity { what: what.to_string(), reason: e.to_string() })?
@@ -166,20 +178,28 @@ pub fn client_config(config: &TlsConfig, field: &str) -> Result<Arc<ClientConfig
     TlsMaterial::from_files(config, field)?.client_config(field)
 }
 
-fn certificates(pem: &[u8], what: &str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let certs = CertificateDer::pem_slice_iter(pem)
+/// Makes ring the process's default rustls provider, for clients built
+/// without a configuration of ours (reqwest builds one even for http://,
+/// and panics without a provider). Idempotent.
+pub fn install_default_provider() {
+    // An error only means a provider is installed already.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+fn certificates(pem: &Pem) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_slice_iter(&pem.pem)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| TlsError::Pem { what: what.to_string(), reason: e.to_string() })?;
+        .map_err(|e| TlsError::Pem { what: pem.name.clone(), reason: e.to_string() })?;
     if certs.is_empty() {
-        return Err(TlsError::NoCertificate { what: what.to_string() });
+        return Err(TlsError::NoCertificate { what: pem.name.clone() });
     }
     Ok(certs)
 }
 
-fn ca_roots(pem: &[u8], what: &str) -> Result<Arc<RootCertStore>, TlsError> {
+fn ca_roots(pem: &Pem) -> Result<Arc<RootCertStore>, TlsError> {
     let mut roots = RootCertStore::empty();
-    for (i, cert) in certificates(pem, what)?.into_iter().enumerate() {
-        roots.add(cert).map_err(|e| TlsError::BadCa { what: what.to_string(), index: i + 1, reason: e.to_string() })?;
+    for (i, cert) in certificates(pem)?.into_iter().enumerate() {
+        roots.add(cert).map_err(|e| TlsError::BadCa { what: pem.name.clone(), index: i + 1, reason: e.to_string() })?;
     }
     Ok(Arc::new(roots))
 }
@@ -302,24 +322,25 @@ mod tests {
         .expect_err("no file");
         assert!(e.to_string().starts_with("broker.amqp.tls.caFile: cannot read /nonexistent/ca.pem"), "{e}");
 
-        let e = TlsMaterial { ca_pem: Some(NOT_PEM.to_vec()), identity: None }
-            .client_config("backend.tls")
+        let pem = |name: &str, text: &[u8]| Pem { name: name.to_string(), pem: text.to_vec() };
+        let e = TlsMaterial { ca: Some(pem("Secret default/ca key ca.crt", NOT_PEM)), identity: None }
+            .client_config("spec.rabbitmq.tls")
             .expect_err("not pem");
-        assert!(e.to_string().contains("no PEM certificate"), "{e}");
+        assert!(e.to_string().starts_with("Secret default/ca key ca.crt: no PEM certificate"), "{e}");
 
         let e = TlsMaterial {
-            ca_pem: Some(b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n".to_vec()),
+            ca: Some(pem("backend.tls.caFile /ca.pem", b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")),
             identity: None,
         }
         .client_config("backend.tls")
         .expect_err("not a certificate");
-        assert!(e.to_string().contains("certificate 1 is not a usable CA"), "{e}");
+        assert!(e.to_string().contains("/ca.pem: certificate 1 is not a usable CA"), "{e}");
 
         let key = "-----BEGIN PRIVATE KEY-----\nc2VjcmV0LWtleS1ieXRlcw==\n-----END PRIVATE KEY-----\n";
         let ca = rcgen::generate_simple_self_signed(vec!["ca".into()]).expect("cert");
         let e = TlsMaterial {
-            ca_pem: Some(ca.cert.pem().into_bytes()),
-            identity: Some((ca.cert.pem().into_bytes(), key.as_bytes().to_vec())),
+            ca: Some(pem("ca", ca.cert.pem().as_bytes())),
+            identity: Some((pem("cert", ca.cert.pem().as_bytes()), pem("key", key.as_bytes()))),
         }
         .client_config("backend.tls")
         .expect_err("key of another certificate");
