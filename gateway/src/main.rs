@@ -37,6 +37,10 @@ fn main() -> ExitCode {
         }
     };
     if check_only {
+        if let Err(e) = high_templar_gateway::tls::check_files(&config) {
+            eprintln!("high-templar-gateway: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
         let mut shown = config.clone();
         if shown.trigger.token.is_some() {
             shown.trigger.token = Some(Secret("<redacted>".into()));

@@ -178,6 +178,19 @@ pub fn client_config(config: &TlsConfig, field: &str) -> Result<Arc<ClientConfig
     TlsMaterial::from_files(config, field)?.client_config(field)
 }
 
+/// Reads and checks the TLS files the configuration uses (`backend.tls`
+/// for `https://`, `broker.amqp.tls` for `amqps://`), as starting would.
+pub fn check_files(config: &crate::config::Config) -> Result<(), TlsError> {
+    if config.backend.url.as_deref().is_some_and(|u| u.starts_with("https:")) {
+        client_config(&config.backend.tls, "backend.tls")?;
+    }
+    let amqps = config.broker.amqp.url.as_ref().is_some_and(|u| u.0.starts_with("amqps:"));
+    if config.broker.kind == crate::config::BrokerKind::Amqp && amqps {
+        client_config(&config.broker.amqp.tls, "broker.amqp.tls")?;
+    }
+    Ok(())
+}
+
 /// Makes ring the process's default rustls provider, for clients built
 /// without a configuration of ours (reqwest builds one even for http://,
 /// and panics without a provider). Idempotent.
