@@ -644,7 +644,8 @@ clientStatus: {enabled: false}
     #[test]
     fn tls_settings_go_with_tls_urls_and_certificates_with_keys() {
         let check = |yaml: &str| Config::from_yaml(yaml).expect("parses").validate().map_err(|e| e.to_string());
-        check("backend: {url: 'https://a/', tls: {caFile: /ca.pem, certFile: /c.pem, keyFile: /k.pem}}").expect("valid");
+        check("backend: {url: 'https://a/', tls: {caFile: /ca.pem, certFile: /c.pem, keyFile: /k.pem}}")
+            .expect("valid");
         let e = check("backend: {url: 'http://a/', tls: {caFile: /ca.pem}}").expect_err("http with tls");
         assert!(e.contains("backend.tls") && e.contains("https://"), "{e}");
         let e = check("backend: {url: 'https://a/', tls: {certFile: /c.pem}}").expect_err("no key");

@@ -63,7 +63,9 @@ pub enum TlsError {
         reason: String,
     },
     /// The key file holds no usable private key.
-    #[error("{what}: no PEM private key in it (PKCS#8 'PRIVATE KEY', PKCS#1 'RSA PRIVATE KEY' or SEC1 'EC PRIVATE KEY')")]
+    #[error(
+        "{what}: no PEM private key in it (PKCS#8 'PRIVATE KEY', PKCS#1 'RSA PRIVATE KEY' or SEC1 'EC PRIVATE KEY')"
+    )]
     NoKey {
         /// The setting.
         what: String,
@@ -163,7 +165,8 @@ impl TlsMaterial {
             None => builder.with_no_client_auth(),
             Some((cert, key)) => {
                 let chain = certificates(cert)?;
-                let key = PrivateKeyDer::from_pem_slice(&key.pem).map_err(|_| TlsError::NoKey { what: key.name.clone() })?;
+                let key =
+                    PrivateKeyDer::from_pem_slice(&key.pem).map_err(|_| TlsError::NoKey { what: key.name.clone() })?;
                 builder
                     .with_client_auth_cert(chain, key)
                     .map_err(|e| TlsError::Identity { what: what.to_string(), reason: e.to_string() })?
@@ -342,7 +345,10 @@ mod tests {
         assert!(e.to_string().starts_with("Secret default/ca key ca.crt: no PEM certificate"), "{e}");
 
         let e = TlsMaterial {
-            ca: Some(pem("backend.tls.caFile /ca.pem", b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")),
+            ca: Some(pem(
+                "backend.tls.caFile /ca.pem",
+                b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+            )),
             identity: None,
         }
         .client_config("backend.tls")

@@ -11,16 +11,15 @@ use std::path::PathBuf;
 use std::process::Stdio;
 
 use common::{
-    Answer, AmqpPublisher, Client, Ended, TempDir, TestBackend, TestCa, TestGateway, http_get, test_config,
+    AmqpPublisher, Answer, Client, Ended, TempDir, TestBackend, TestCa, TestGateway, http_get, test_config,
     unique_exchange,
 };
 use serde_json::json;
 
 /// Where tests/rabbitmq.sh keeps the TLS listener's CA and client certificate.
 fn rabbitmq_tls_dir() -> PathBuf {
-    let dir = PathBuf::from(
-        std::env::var("HT_RABBITMQ_TLS_DIR").unwrap_or_else(|_| "/var/lib/rabbitmq/ht-test-tls".into()),
-    );
+    let dir =
+        PathBuf::from(std::env::var("HT_RABBITMQ_TLS_DIR").unwrap_or_else(|_| "/var/lib/rabbitmq/ht-test-tls".into()));
     let listening = std::net::TcpStream::connect(("127.0.0.1", 5671)).is_ok();
     assert!(
         listening && dir.join("ca.pem").is_file() && dir.join("client.key").is_file(),
@@ -115,7 +114,8 @@ async fn a_hostname_mismatch_is_refused_and_named() {
     let dir = rabbitmq_tls_dir();
     let exchange = unique_exchange("amqps-name");
     // The listener's certificate names `localhost` only.
-    let (gw, body) = amqps_gateway("127.0.0.1", &exchange, &format!("{{caFile: '{}'}}", file(&dir, "ca.pem")), 503).await;
+    let (gw, body) =
+        amqps_gateway("127.0.0.1", &exchange, &format!("{{caFile: '{}'}}", file(&dir, "ca.pem")), 503).await;
     assert!(body.contains("hostname mismatch") && body.contains("127.0.0.1"), "/readyz says why: {body}");
     assert!(body.contains("localhost"), "and which names the certificate holds: {body}");
     assert!(
@@ -134,7 +134,11 @@ async fn a_client_certificate_is_presented_and_verified_by_the_broker() {
     let (gw, _) = amqps_gateway(
         "localhost",
         &exchange,
-        &format!("{{caFile: '{ca}', certFile: '{}', keyFile: '{}'}}", file(&dir, "client.pem"), file(&dir, "client.key")),
+        &format!(
+            "{{caFile: '{ca}', certFile: '{}', keyFile: '{}'}}",
+            file(&dir, "client.pem"),
+            file(&dir, "client.key")
+        ),
         200,
     )
     .await;
@@ -146,9 +150,13 @@ async fn a_client_certificate_is_presented_and_verified_by_the_broker() {
     let files = TempDir::new("tls-stranger");
     let (cert, key) = (files.file("c.pem", &stranger.cert_pem), files.file("c.key", &stranger.key_pem));
     let exchange = unique_exchange("amqps-stranger");
-    let (gw, body) =
-        amqps_gateway("localhost", &exchange, &format!("{{caFile: '{ca}', certFile: '{cert}', keyFile: '{key}'}}"), 503)
-            .await;
+    let (gw, body) = amqps_gateway(
+        "localhost",
+        &exchange,
+        &format!("{{caFile: '{ca}', certFile: '{cert}', keyFile: '{key}'}}"),
+        503,
+    )
+    .await;
     assert!(body.contains("refused the client certificate"), "/readyz says why: {body}");
     gw.shutdown().await;
 }
@@ -202,7 +210,8 @@ async fn bootstrap_over(gw: &TestGateway) -> Result<(), Ended> {
 async fn an_https_backend_with_its_ca_authorizes() {
     let files = TempDir::new("tls-backend");
     let (ca, port) = https_backend(&files, None).await;
-    let config = test_config(&format!("https://localhost:{port}/api/"), &format!("backend: {{tls: {{caFile: '{ca}'}}}}"));
+    let config =
+        test_config(&format!("https://localhost:{port}/api/"), &format!("backend: {{tls: {{caFile: '{ca}'}}}}"));
     let gw = TestGateway::start(config).await;
     assert_eq!(bootstrap_over(&gw).await, Ok(()));
     gw.shutdown().await;

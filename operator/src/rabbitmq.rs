@@ -11,7 +11,6 @@ use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
 use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties, ErrorKind};
 
-
 /// Whole-operation timeout (connect, declare, close).
 const TIMEOUT: Duration = Duration::from_secs(10);
 

@@ -361,8 +361,10 @@ fn every_tls_secret_is_referenced_for_the_watch_and_the_hash() {
                 ca_secret_ref: Some(SecretKeyRef { name: "mq-ca".into(), key: "ca.crt".into() }),
                 client_cert_secret_ref: None,
             });
-            s.backend.tls =
-                Some(TlsSpec { ca_secret_ref: None, client_cert_secret_ref: Some(SecretRef { name: "api-client".into() }) });
+            s.backend.tls = Some(TlsSpec {
+                ca_secret_ref: None,
+                client_cert_secret_ref: Some(SecretRef { name: "api-client".into() }),
+            });
         })
         .build();
     let refs: Vec<String> = crate::reconcile::secret_references(&ht)

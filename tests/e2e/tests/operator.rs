@@ -458,7 +458,9 @@ async fn amqps_with_ca_and_client_certificate_secrets_and_tls_failures_as_condit
         json!({"caSecretRef": {"name": "mq-ca", "key": "ca.crt"}, "clientCertSecretRef": {"name": "mq-client"}});
     env.apply("chat", spec.clone()).await.expect("valid");
     let status = env
-        .status_where("chat", "BrokerReady True over amqps", |s| broker_condition(s).is_some_and(|c| c.status == "True"))
+        .status_where("chat", "BrokerReady True over amqps", |s| {
+            broker_condition(s).is_some_and(|c| c.status == "True")
+        })
         .await;
     assert_eq!(condition(&status, "BrokerReady"), ("True", "ExchangeDeclared"));
     assert!(exchange_exists(&exchange).await, "declared over TLS, visible on the plain port");
