@@ -40,7 +40,10 @@ if ! command -v rabbitmq-server >/dev/null 2>&1 && [ ! -x /usr/sbin/rabbitmq-ser
     || fail "apt-get install rabbitmq-server failed"
 fi
 export PATH="$PATH:/usr/sbin"
-command -v openssl >/dev/null 2>&1 || fail "openssl is needed to make the test CA: run 'apt-get install openssl'"
+if ! command -v openssl >/dev/null 2>&1; then
+  [ "$(id -u)" = 0 ] || fail "openssl is needed to make the test CA: run 'apt-get install openssl' as root"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl >/dev/null || fail "apt-get install openssl failed"
+fi
 
 # The CA, the server and the client certificates, made once.
 if [ ! -s "$tls_dir/client.key" ]; then

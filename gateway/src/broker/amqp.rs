@@ -113,15 +113,6 @@ pub async fn connect(
     .await
 }
 
-/// `error`, with a TLS failure in its causes explained (unknown CA,
-/// hostname mismatch, ...). Never contains the URL.
-pub fn describe_error(error: &lapin::Error) -> String {
-    match crate::tls::failure(error) {
-        Some(tls) => tls.message,
-        None => error.to_string(),
-    }
-}
-
 /// Why the broker cannot be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum AmqpSetupError {
