@@ -20,7 +20,8 @@ use crate::breaker::{CircuitBreaker, Permit};
 use crate::coalesce::Coalescer;
 use crate::config::{BackendConfig, seconds};
 use crate::identity::{UserId, UserPath};
-use crate::metrics::{Metrics, Outcome};
+use crate::log_throttle::LogThrottle;
+use crate::metrics::{Metrics, Outcome, TlsFailureLabels};
 use crate::room::{InvalidRoomList, Room, parse_room_list};
 
 /// Close code for a refused user.
@@ -137,6 +138,9 @@ pub enum BackendSetupError {
     /// The HTTP client could not be built.
     #[error("cannot build the backend HTTP client: {0}")]
     Client(String),
+    /// `backend.tls` cannot be used.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// The part of a bootstrap answer the gateway reads; the rest is skipped
@@ -179,6 +183,7 @@ impl BootstrapClient {
             .and_then(|b| b.join(&config.bootstrap_path))
             .map_err(|e| BackendSetupError::Url(e.to_string()))?;
         let timeout = seconds(config.timeout_seconds);
+        crate::tls::install_default_provider();
         let mut builder = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(timeout)
@@ -190,6 +195,12 @@ impl BootstrapClient {
             .user_agent(concat!("high-templar-gateway/", env!("CARGO_PKG_VERSION")));
         if let Some(socket) = &config.socket {
             builder = builder.unix_socket(socket.clone());
+        }
+        if url.scheme() == "https" {
+            // The same rustls configuration as the broker's (crate::tls);
+            // reqwest adds its ALPN protocols to it.
+            let tls = crate::tls::client_config(&config.tls, "backend.tls")?;
+            builder = builder.tls_backend_preconfigured(rustls::ClientConfig::clone(&tls));
         }
         let client = builder.build().map_err(|e| BackendSetupError::Client(e.to_string()))?;
         Ok(BootstrapClient {
@@ -372,13 +383,39 @@ impl Drop for PendingCall<'_> {
 }
 
 impl BootstrapClient {
+    /// The outcome of a failed request: unavailable, its causes spelled out
+    /// (reqwest's message alone is "error sending request"); a TLS failure
+    /// is counted and logged (throttled: every connect can repeat it).
+    fn unavailable(&self, error: reqwest::Error) -> BootstrapError {
+        if let Some(tls) = crate::tls::failure(&error) {
+            self.metrics.tls_failures.get_or_create(&TlsFailureLabels { peer: "backend", reason: tls.reason }).inc();
+            static TLS_FAILED: LogThrottle = LogThrottle::new(Duration::from_secs(10));
+            if let Some(suppressed) = TLS_FAILED.allow() {
+                warn!(
+                    reason = tls.reason,
+                    error = %tls.message,
+                    suppressed,
+                    "backend TLS failed: connections get 1013 (counted in hightemplar_tls_failures_total)"
+                );
+            }
+            return BootstrapError::Unavailable(tls.message);
+        }
+        let mut message = error.to_string();
+        let mut cause = std::error::Error::source(&error);
+        while let Some(e) = cause {
+            message = format!("{message}: {e}");
+            cause = e.source();
+        }
+        BootstrapError::Unavailable(message)
+    }
+
     async fn call(&self, headers: Vec<(HeaderName, HeaderValue)>) -> Result<Bootstrap, BootstrapError> {
         let mut request = self.client.get(self.url.clone());
         for (name, value) in headers {
             request = request.header(name, value);
         }
         // `without_url`: the message must not carry anything from the request.
-        let unavailable = |e: reqwest::Error| BootstrapError::Unavailable(e.without_url().to_string());
+        let unavailable = |e: reqwest::Error| self.unavailable(e.without_url());
         let mut response = request.send().await.map_err(unavailable)?;
         let status = response.status();
         if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {

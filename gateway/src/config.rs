@@ -91,6 +91,9 @@ pub struct BackendConfig {
     pub coalesce: bool,
     /// Keep successful answers for a short time for identical requests.
     pub answer_reuse: AnswerReuseConfig,
+    /// TLS to an `https://` backend: CA, client certificate.
+    #[serde(skip_serializing_if = "TlsConfig::is_empty")]
+    pub tls: TlsConfig,
 }
 
 /// Bootstrap answers reused by identical connects (`answer_cache::AnswerCache`).
@@ -110,6 +113,42 @@ pub struct AnswerReuseConfig {
 impl Default for AnswerReuseConfig {
     fn default() -> Self {
         AnswerReuseConfig { seconds: 0.0, max_entries: 10_000, max_bytes: 16 << 20 }
+    }
+}
+
+/// TLS settings of a client connection (`backend.tls`, `broker.amqp.tls`),
+/// used when the URL is `https://` or `amqps://`. The server's certificate
+/// is always verified, its name against the URL's host included; there is
+/// no setting to turn that off. Files are read once, at startup.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// PEM file of the CA certificates that may sign the server's
+    /// certificate, trusted instead of the system's CA store
+    /// (`/etc/ssl/certs`, which is used when this is unset).
+    pub ca_file: Option<PathBuf>,
+    /// PEM file of the client certificate (then its intermediates)
+    /// presented to the server; set together with `keyFile`.
+    pub cert_file: Option<PathBuf>,
+    /// PEM file of `certFile`'s private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: Option<PathBuf>,
+}
+
+impl TlsConfig {
+    /// Nothing set: system CAs, no client certificate.
+    pub fn is_empty(&self) -> bool {
+        self == &TlsConfig::default()
+    }
+
+    /// `certFile` and `keyFile` come together.
+    fn validate(&self, cert_field: &'static str) -> Result<(), ConfigError> {
+        if self.cert_file.is_some() != self.key_file.is_some() {
+            return Err(ConfigError::Invalid {
+                field: cert_field,
+                message: "certFile and keyFile are set together (the client certificate and its key)".into(),
+            });
+        }
+        Ok(())
     }
 }
 
@@ -168,6 +207,7 @@ impl Default for BackendConfig {
             circuit_breaker: CircuitBreakerConfig::default(),
             coalesce: true,
             answer_reuse: AnswerReuseConfig::default(),
+            tls: TlsConfig::default(),
         }
     }
 }
@@ -211,6 +251,9 @@ pub struct AmqpConfig {
     pub heartbeat_seconds: u16,
     /// Longest wait between reconnection attempts (backoff starts at 0.1 s).
     pub reconnect_max_seconds: f64,
+    /// TLS to an `amqps://` broker: CA, client certificate.
+    #[serde(skip_serializing_if = "TlsConfig::is_empty")]
+    pub tls: TlsConfig,
 }
 
 impl Default for AmqpConfig {
@@ -222,6 +265,7 @@ impl Default for AmqpConfig {
             prefetch: 256,
             heartbeat_seconds: 2,
             reconnect_max_seconds: 10.0,
+            tls: TlsConfig::default(),
         }
     }
 }
@@ -445,11 +489,20 @@ impl Config {
             Some(url) => {
                 let parsed =
                     reqwest::Url::parse(url).map_err(|e| invalid("backend.url", &format!("not a URL: {e}")))?;
-                if parsed.scheme() != "http" {
-                    return Err(invalid("backend.url", "only http:// backends are supported"));
+                match parsed.scheme() {
+                    "http" if !self.backend.tls.is_empty() => {
+                        return Err(invalid("backend.tls", "is set but backend.url is http://: use https://"));
+                    }
+                    "http" => {}
+                    "https" if self.backend.socket.is_some() => {
+                        return Err(invalid("backend.socket", "works with http:// backends only"));
+                    }
+                    "https" => {}
+                    _ => return Err(invalid("backend.url", "only http:// and https:// backends are supported")),
                 }
             }
         }
+        self.backend.tls.validate("backend.tls.certFile")?;
         if self.backend.bootstrap_path.starts_with('/') {
             return Err(invalid("backend.bootstrapPath", "must be relative to backend.url (no leading '/')"));
         }
@@ -532,12 +585,13 @@ impl Config {
             };
             // The message never quotes the URL: it holds a password.
             match url.0.parse::<lapin::uri::AMQPUri>() {
-                Err(_) => return Err(invalid("broker.amqp.url", "not an amqp:// URL")),
-                Ok(uri) if uri.scheme != lapin::uri::AMQPScheme::AMQP => {
-                    return Err(invalid("broker.amqp.url", "only amqp:// is supported (no TLS in this build)"));
+                Err(_) => return Err(invalid("broker.amqp.url", "not an amqp:// or amqps:// URL")),
+                Ok(uri) if uri.scheme == lapin::uri::AMQPScheme::AMQP && !amqp.tls.is_empty() => {
+                    return Err(invalid("broker.amqp.tls", "is set but broker.amqp.url is amqp://: use amqps://"));
                 }
                 Ok(_) => {}
             }
+            amqp.tls.validate("broker.amqp.tls.certFile")?;
             if amqp.exchange.is_empty() || amqp.exchange.len() > 255 {
                 return Err(invalid("broker.amqp.exchange", "must be 1 to 255 characters"));
             }
@@ -628,7 +682,7 @@ clientStatus: {enabled: false}
         assert!(e.contains("broker.amqp.url") && !e.contains("hunter2"), "{e}");
         let c = Config::from_yaml("backend: {url: 'http://a/'}\nbroker: {kind: amqp, amqp: {url: 'amqps://u:p@h/'}}")
             .expect("parses");
-        assert!(c.validate().expect_err("amqps").to_string().contains("no TLS"));
+        c.validate().expect("amqps");
         let c = Config::from_yaml(
             "backend: {url: 'http://a/'}\nbroker: {kind: amqp, amqp: {url: 'amqp://u:p@h:5672/%2f', exchangeDurable: false}}",
         )
@@ -654,6 +708,30 @@ clientStatus: {enabled: false}
         assert!(e.contains("permissions.refreshSeconds"), "{e}");
         assert!(validate("{refreshSeconds: -1}").is_err());
         assert!(Config::from_yaml("permissions: {userpath: x}").is_err(), "unknown fields are errors");
+    }
+
+    #[test]
+    fn tls_settings_go_with_tls_urls_and_certificates_with_keys() {
+        let check = |yaml: &str| Config::from_yaml(yaml).expect("parses").validate().map_err(|e| e.to_string());
+        check("backend: {url: 'https://a/', tls: {caFile: /ca.pem, certFile: /c.pem, keyFile: /k.pem}}")
+            .expect("valid");
+        let e = check("backend: {url: 'http://a/', tls: {caFile: /ca.pem}}").expect_err("http with tls");
+        assert!(e.contains("backend.tls") && e.contains("https://"), "{e}");
+        let e = check("backend: {url: 'https://a/', tls: {certFile: /c.pem}}").expect_err("no key");
+        assert!(e.contains("backend.tls.certFile") && e.contains("keyFile"), "{e}");
+        let e = check("backend: {url: 'https://a/', socket: /run/api.sock}").expect_err("https over a socket");
+        assert!(e.contains("backend.socket"), "{e}");
+        let amqp = |url: &str, tls: &str| {
+            format!("backend: {{url: 'http://a/'}}\nbroker: {{kind: amqp, amqp: {{url: '{url}', tls: {tls}}}}}")
+        };
+        check(&amqp("amqps://u:hunter2@h/", "{caFile: /ca.pem, certFile: /c.pem, keyFile: /k.pem}")).expect("valid");
+        let e = check(&amqp("amqp://u:hunter2@h/", "{caFile: /ca.pem}")).expect_err("amqp with tls");
+        assert!(e.contains("broker.amqp.tls") && e.contains("amqps://") && !e.contains("hunter2"), "{e}");
+        let e = check(&amqp("amqps://u:p@h/", "{keyFile: /k.pem}")).expect_err("no cert");
+        assert!(e.contains("broker.amqp.tls.certFile"), "{e}");
+        // Unset TLS settings are not written out (the operator's ConfigMap).
+        let yaml = serde_yaml::to_string(&Config::default()).expect("serialises");
+        assert!(!yaml.contains("tls"), "{yaml}");
     }
 
     #[test]

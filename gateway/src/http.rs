@@ -55,7 +55,8 @@ async fn readyz(State(gateway): State<Arc<Gateway>>) -> Response {
     if gateway.is_draining() {
         (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
     } else if !gateway.broker.is_ready() {
-        (StatusCode::SERVICE_UNAVAILABLE, format!("broker {} not ready\n", gateway.broker.name())).into_response()
+        let why = gateway.broker.last_error().map(|e| format!(": {e}")).unwrap_or_default();
+        (StatusCode::SERVICE_UNAVAILABLE, format!("broker {} not ready{why}\n", gateway.broker.name())).into_response()
     } else {
         // Informational only: a backend outage must not make every replica
         // unready at once (new connections get 1013 and retry).

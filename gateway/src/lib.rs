@@ -45,6 +45,8 @@
 //! - [`metrics`]: Prometheus families.
 //! - [`log_throttle`]: `LogThrottle`, rate-limited warnings for events
 //!   untrusted input can repeat.
+//! - [`tls`]: TLS client configurations (CA, client certificate) for
+//!   `amqps://` and `https://`, and explained TLS failures.
 //! - [`cli`]: command-line flags and environment variables.
 //! - [`process`]: logging setup and termination signals (shared with the operator).
 
@@ -77,4 +79,5 @@ pub mod refresh;
 pub mod room;
 pub mod server;
 pub mod session;
+pub mod tls;
 pub mod trigger;

@@ -5,7 +5,8 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use high_templar_gateway::broker::amqp::redact_url;
+use high_templar_gateway::backend::BackendSetupError;
+use high_templar_gateway::broker::amqp::{AmqpSetupError, redact_url};
 use high_templar_gateway::cli::{Cli, Command};
 use high_templar_gateway::config::Secret;
 use high_templar_gateway::process::{init_logging, raise_open_file_limit, termination};
@@ -36,6 +37,10 @@ fn main() -> ExitCode {
         }
     };
     if check_only {
+        if let Err(e) = high_templar_gateway::tls::check_files(&config) {
+            eprintln!("high-templar-gateway: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
         let mut shown = config.clone();
         if shown.trigger.token.is_some() {
             shown.trigger.token = Some(Secret("<redacted>".into()));
@@ -61,7 +66,11 @@ fn main() -> ExitCode {
     runtime.block_on(async {
         let server = match Server::bind(config).await {
             Ok(s) => s,
-            Err(e @ StartError::Config(_)) => {
+            Err(
+                e @ (StartError::Config(_)
+                | StartError::Amqp(AmqpSetupError::Tls(_))
+                | StartError::Backend(BackendSetupError::Tls(_))),
+            ) => {
                 tracing::error!(error = %e, "invalid configuration");
                 return ExitCode::from(EXIT_CONFIG);
             }

@@ -36,6 +36,15 @@ pub struct ActionLabel {
     pub action: &'static str,
 }
 
+/// Labels of a TLS failure.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TlsFailureLabels {
+    /// `broker` or `backend`.
+    pub peer: &'static str,
+    /// `tls::TlsFailure::reason`: `unknown_ca`, `hostname_mismatch`, ...
+    pub reason: &'static str,
+}
+
 /// Every metric of one gateway process.
 pub struct Metrics {
     /// The registry the families below are registered in.
@@ -105,6 +114,8 @@ pub struct Metrics {
     pub amqp_connected: Gauge,
     /// Reconnection attempts to RabbitMQ.
     pub amqp_reconnects: Counter,
+    /// Connections to the broker or the backend that failed in TLS, by reason.
+    pub tls_failures: Family<TlsFailureLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -151,6 +162,7 @@ impl Metrics {
             fanout_latency: Histogram::new(exponential_buckets(0.00001, 2.0, 15)),
             amqp_connected: Gauge::default(),
             amqp_reconnects: Counter::default(),
+            tls_failures: Family::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -241,6 +253,11 @@ impl Metrics {
         );
         r.register("amqp_connected", "1 while consuming triggers from RabbitMQ", m.amqp_connected.clone());
         r.register("amqp_reconnects", "Reconnection attempts to RabbitMQ", m.amqp_reconnects.clone());
+        r.register(
+            "tls_failures",
+            "Connections to the broker or the backend that failed in TLS (unknown CA, hostname mismatch, ...)",
+            m.tls_failures.clone(),
+        );
         Metrics { registry, ..m }
     }
 

@@ -41,6 +41,21 @@ fn invalid_config_exits_2_naming_the_field() {
 }
 
 #[test]
+fn unusable_tls_files_exit_2_naming_the_setting() {
+    let path = temp_file(
+        "tls",
+        "backend: {url: 'https://api/', tls: {caFile: /nonexistent/backend-ca.pem}}\nbroker: {kind: amqp, amqp: {url: 'amqps://u:hunter2@h/'}}\n",
+    );
+    for command in ["check-config", "serve"] {
+        let out = Command::new(BIN).args([command, "--config"]).arg(&path).output().expect("run binary");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{command}: {stderr}");
+        assert!(stderr.contains("backend.tls.caFile: cannot read /nonexistent/backend-ca.pem"), "{command}: {stderr}");
+        assert!(!stderr.contains("hunter2"), "{command}: {stderr}");
+    }
+}
+
+#[test]
 fn missing_config_file_exits_2() {
     let out = Command::new(BIN).args(["serve", "--config", "/nonexistent/ht.yaml"]).output().expect("run binary");
     assert_eq!(out.status.code(), Some(2));

@@ -31,8 +31,7 @@ where
 
 /// Whether `ht` references Secret `name`.
 fn references(ht: &HighTemplar, name: &str) -> bool {
-    ht.spec.rabbitmq.as_ref().is_some_and(|r| r.url_secret_ref.name == name)
-        || ht.spec.trigger.as_ref().is_some_and(|t| t.token_secret_ref.name == name)
+    crate::reconcile::secret_references(ht).iter().any(|(_, _, r)| r.name == name)
 }
 
 /// Runs the controller until `shutdown` resolves.

@@ -121,11 +121,17 @@ fn default_replicas() -> i32 {
 
 /// The backend's bootstrap endpoint.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(validation = Rule::new("!has(self.tls) || self.url.startsWith('https://')").message("backend.tls needs an https:// backend.url"))]
 #[serde(rename_all = "camelCase")]
 pub struct BackendSpec {
-    /// Base URL of the API, e.g. `http://api.default.svc:8000/api/`.
-    #[x_kube(validation = Rule::new("self.startsWith('http://')").message("backend.url must be an http:// URL"))]
+    /// Base URL of the API, e.g. `http://api.default.svc:8000/api/` or
+    /// `https://api.example.com/api/`.
+    #[x_kube(validation = Rule::new("self.startsWith('http://') || self.startsWith('https://')").message("backend.url must be an http:// or https:// URL"))]
     pub url: String,
+    /// TLS to an `https://` backend: the CA to trust (default: the CAs of
+    /// the gateway image) and an optional client certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsSpec>,
     /// Path of the bootstrap call, relative to `url`.
     #[serde(default = "default_bootstrap_path")]
     #[x_kube(validation = Rule::new("!self.startsWith('/')").message("backend.bootstrapPath is relative to backend.url: no leading '/'"))]
@@ -317,6 +323,45 @@ pub struct SecretKeyRef {
     pub key: String,
 }
 
+/// A Secret in the HighTemplar's namespace.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct SecretRef {
+    /// Secret name.
+    #[schemars(length(min = 1))]
+    pub name: String,
+}
+
+/// TLS to a server (`amqps://` broker, `https://` backend). The server's
+/// certificate and host name are always verified.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct TlsSpec {
+    /// Secret key holding the PEM CA certificates that sign the server's
+    /// certificate, trusted instead of the system's CAs (the default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_secret_ref: Option<SecretKeyRef>,
+    /// A `kubernetes.io/tls` Secret (`tls.crt`, `tls.key`): the client
+    /// certificate presented to the server.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_cert_secret_ref: Option<SecretRef>,
+}
+
+impl TlsSpec {
+    /// The Secret keys it references: (role, reference), role `ca`, `cert`
+    /// or `key`.
+    pub fn references(&self) -> Vec<(&'static str, SecretKeyRef)> {
+        let mut refs = Vec::new();
+        if let Some(ca) = &self.ca_secret_ref {
+            refs.push(("ca", ca.clone()));
+        }
+        if let Some(client) = &self.client_cert_secret_ref {
+            refs.push(("cert", SecretKeyRef { name: client.name.clone(), key: "tls.crt".into() }));
+            refs.push(("key", SecretKeyRef { name: client.name.clone(), key: "tls.key".into() }));
+        }
+        refs
+    }
+}
+
 /// What happens to the exchange when the HighTemplar is deleted.
 #[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum DeletionPolicy {
@@ -331,8 +376,13 @@ pub enum DeletionPolicy {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct RabbitmqSpec {
-    /// Secret key holding `amqp://user:pass@host:5672/vhost`.
+    /// Secret key holding `amqp://user:pass@host:5672/vhost` (or
+    /// `amqps://user:pass@host:5671/vhost`).
     pub url_secret_ref: SecretKeyRef,
+    /// TLS to an `amqps://` broker: the CA to trust (default: the CAs of the
+    /// gateway and operator images) and an optional client certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsSpec>,
     /// Exchange triggers are published to (3.x: `hightemplar`).
     #[serde(default = "default_exchange")]
     #[schemars(length(min = 1, max = 255))]

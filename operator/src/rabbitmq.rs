@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use high_templar_gateway::broker::amqp::{exchange_kind, exchange_options, is_precondition_failed};
+use high_templar_gateway::tls::TlsMaterial;
 use lapin::options::ExchangeDeleteOptions;
 use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
 use lapin::types::FieldTable;
@@ -17,9 +18,19 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 /// contain the URL (it holds a password).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TopologyError {
-    /// The Secret value is not an `amqp://` URL.
-    #[error("the RabbitMQ URL in the referenced Secret is not an amqp:// URL")]
+    /// The Secret value is not an `amqp://` or `amqps://` URL.
+    #[error("the RabbitMQ URL in the referenced Secret is not an amqp:// or amqps:// URL")]
     InvalidUrl,
+    /// `spec.rabbitmq.tls` with an `amqp://` URL.
+    #[error("spec.rabbitmq.tls is set but the RabbitMQ URL in the referenced Secret is amqp://: use amqps://")]
+    TlsWithoutAmqps,
+    /// The TLS Secrets cannot be used (not PEM, key of another certificate).
+    #[error("spec.rabbitmq.tls: {0}")]
+    TlsConfig(String),
+    /// The TLS handshake failed: unknown CA, hostname mismatch, refused
+    /// client certificate.
+    #[error("RabbitMQ unreachable: {0}")]
+    Tls(String),
     /// RabbitMQ refused the credentials or the vhost.
     #[error("RabbitMQ refused the credentials or vhost: {0}")]
     AccessRefused(String),
@@ -40,7 +51,9 @@ impl TopologyError {
     /// The condition reason (`BrokerReady` False).
     pub fn reason(&self) -> &'static str {
         match self {
-            TopologyError::InvalidUrl => "InvalidURL",
+            TopologyError::InvalidUrl | TopologyError::TlsWithoutAmqps => "InvalidURL",
+            TopologyError::TlsConfig(_) => "InvalidTLSSecret",
+            TopologyError::Tls(_) => "TLSError",
             TopologyError::AccessRefused(_) => "AccessRefused",
             TopologyError::Unreachable(_) => "Unreachable",
             TopologyError::PreconditionFailed(_) => "PreconditionFailed",
@@ -50,6 +63,9 @@ impl TopologyError {
 }
 
 fn classify(e: lapin::Error) -> TopologyError {
+    if let Some(tls) = high_templar_gateway::tls::failure(&e) {
+        return TopologyError::Tls(tls.message);
+    }
     match e.kind() {
         ErrorKind::ProtocolError(amqp) => match amqp.kind() {
             AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED) | AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED) => {
@@ -66,14 +82,33 @@ fn classify(e: lapin::Error) -> TopologyError {
     }
 }
 
-async fn connect(url: &str) -> Result<Connection, TopologyError> {
-    let mut uri: lapin::uri::AMQPUri = url.parse().map_err(|_| TopologyError::InvalidUrl)?;
-    if uri.scheme != lapin::uri::AMQPScheme::AMQP {
-        return Err(TopologyError::InvalidUrl);
-    }
+/// Where to connect: the URL (from its Secret) and, for `amqps://`, the
+/// TLS material of `spec.rabbitmq.tls` (from its Secrets).
+#[derive(Clone, Debug)]
+pub struct Target {
+    /// `amqp://` or `amqps://` URL; holds a password.
+    pub url: high_templar_gateway::config::Secret,
+    /// `Some` when `spec.rabbitmq.tls` is set: its CA and client certificate.
+    pub tls: Option<TlsMaterial>,
+}
+
+async fn connect(target: &Target) -> Result<Connection, TopologyError> {
+    let mut uri: lapin::uri::AMQPUri = target.url.0.parse().map_err(|_| TopologyError::InvalidUrl)?;
+    let tls = match (&uri.scheme, &target.tls) {
+        (lapin::uri::AMQPScheme::AMQP, None) => None,
+        (lapin::uri::AMQPScheme::AMQP, Some(_)) => return Err(TopologyError::TlsWithoutAmqps),
+        // Without spec.rabbitmq.tls: the system's CAs, as the gateway does.
+        (lapin::uri::AMQPScheme::AMQPS, material) => Some(
+            material
+                .clone()
+                .unwrap_or_default()
+                .client_config("spec.rabbitmq.tls")
+                .map_err(|e| TopologyError::TlsConfig(e.to_string()))?,
+        ),
+    };
     uri.query.connection_timeout.get_or_insert(5_000);
     let properties = ConnectionProperties::default().with_connection_name("high-templar-operator".into());
-    Connection::connect_uri(uri, properties).await.map_err(classify)
+    high_templar_gateway::broker::amqp::connect(uri, properties, tls).await.map_err(classify)
 }
 
 async fn with_timeout<T>(
@@ -85,9 +120,9 @@ async fn with_timeout<T>(
 }
 
 /// Declares `exchange` (direct, durable as asked).
-pub async fn declare_exchange(url: &str, exchange: &str, durable: bool) -> Result<(), TopologyError> {
+pub async fn declare_exchange(target: &Target, exchange: &str, durable: bool) -> Result<(), TopologyError> {
     with_timeout(async {
-        let connection = connect(url).await?;
+        let connection = connect(target).await?;
         let channel = connection.create_channel().await.map_err(classify)?;
         let result = channel
             .exchange_declare(exchange.into(), exchange_kind(), exchange_options(durable), FieldTable::default())
@@ -101,9 +136,9 @@ pub async fn declare_exchange(url: &str, exchange: &str, durable: bool) -> Resul
 }
 
 /// Deletes `exchange` (absent is fine).
-pub async fn delete_exchange(url: &str, exchange: &str) -> Result<(), TopologyError> {
+pub async fn delete_exchange(target: &Target, exchange: &str) -> Result<(), TopologyError> {
     with_timeout(async {
-        let connection = connect(url).await?;
+        let connection = connect(target).await?;
         let channel = connection.create_channel().await.map_err(classify)?;
         let result = channel.exchange_delete(exchange.into(), ExchangeDeleteOptions::default()).await;
         let _ = connection.close(200, "done".into()).await;

@@ -120,38 +120,85 @@ async fn secret_value(client: &Client, ns: &str, reference: &SecretKeyRef) -> Re
 /// annotation. Missing ones are reported, not fatal: the other objects are
 /// still applied.
 struct Secrets {
-    /// The AMQP URL, when configured and present.
-    amqp_url: Option<String>,
+    /// Where the exchange is declared: the AMQP URL and the TLS material
+    /// of `spec.rabbitmq.tls`, when configured and all present.
+    amqp: Option<rabbitmq::Target>,
+    /// Why `amqp` is `None` although `spec.rabbitmq` is set.
+    amqp_missing: Option<String>,
     /// Hash over every referenced value.
     hash: String,
     /// The first missing reference.
     missing: Option<Error>,
 }
 
+/// Every Secret key `ht` references: (what, role, reference). `what` is
+/// `amqp`, `trigger`, `rabbitmq-tls` or `backend-tls`; `role` is the TLS
+/// role (`ca`, `cert`, `key`) or empty.
+pub fn secret_references(ht: &HighTemplar) -> Vec<(&'static str, &'static str, SecretKeyRef)> {
+    let mut refs = Vec::new();
+    if let Some(r) = &ht.spec.rabbitmq {
+        refs.push(("amqp", "", r.url_secret_ref.clone()));
+        for (role, reference) in r.tls.as_ref().map(|t| t.references()).unwrap_or_default() {
+            refs.push(("rabbitmq-tls", role, reference));
+        }
+    }
+    if let Some(t) = &ht.spec.trigger {
+        refs.push(("trigger", "", t.token_secret_ref.clone()));
+    }
+    for (role, reference) in ht.spec.backend.tls.as_ref().map(|t| t.references()).unwrap_or_default() {
+        refs.push(("backend-tls", role, reference));
+    }
+    refs
+}
+
 async fn read_secrets(client: &Client, ns: &str, ht: &HighTemplar) -> Result<Secrets, Error> {
+    use high_templar_gateway::tls::Pem;
     let mut material = String::new();
     let mut missing = None;
+    let mut amqp_missing = None;
     let mut amqp_url = None;
-    let refs = [
-        ht.spec.rabbitmq.as_ref().map(|r| ("amqp", &r.url_secret_ref)),
-        ht.spec.trigger.as_ref().map(|t| ("trigger", &t.token_secret_ref)),
-    ];
-    for (what, reference) in refs.into_iter().flatten() {
-        match secret_value(client, ns, reference).await {
+    let rabbitmq_tls = ht.spec.rabbitmq.as_ref().and_then(|r| r.tls.as_ref());
+    let mut tls = rabbitmq_tls.map(|_| high_templar_gateway::tls::TlsMaterial::default());
+    let mut client_cert = None;
+    for (what, role, reference) in secret_references(ht) {
+        match secret_value(client, ns, &reference).await {
             Ok(value) => {
-                material.push_str(&format!("{what}:{}/{}={value}\n", reference.name, reference.key));
-                if what == "amqp" {
-                    amqp_url = Some(value);
+                material.push_str(&format!("{what}:{role}:{}/{}={value}\n", reference.name, reference.key));
+                let pem = || Pem {
+                    name: format!("Secret {ns}/{} key {}", reference.name, reference.key),
+                    pem: value.clone().into_bytes(),
+                };
+                match (what, role) {
+                    ("amqp", _) => amqp_url = Some(value.clone()),
+                    ("rabbitmq-tls", "ca") => {
+                        if let Some(tls) = tls.as_mut() {
+                            tls.ca = Some(pem());
+                        }
+                    }
+                    ("rabbitmq-tls", "cert") => client_cert = Some(pem()),
+                    ("rabbitmq-tls", "key") => {
+                        if let (Some(tls), Some(cert)) = (tls.as_mut(), client_cert.take()) {
+                            tls.identity = Some((cert, pem()));
+                        }
+                    }
+                    _ => {}
                 }
             }
             Err(e @ Error::SecretMissing(_)) => {
-                material.push_str(&format!("{what}:missing\n"));
+                material.push_str(&format!("{what}:{role}:missing\n"));
+                if what == "amqp" || what == "rabbitmq-tls" {
+                    amqp_missing.get_or_insert(e.to_string());
+                }
                 missing.get_or_insert(e);
             }
             Err(e) => return Err(e),
         }
     }
-    Ok(Secrets { amqp_url, hash: desired::sha256_hex(material.as_bytes()), missing })
+    let amqp = match (amqp_url, &amqp_missing) {
+        (Some(url), None) => Some(rabbitmq::Target { url: high_templar_gateway::config::Secret(url), tls }),
+        _ => None,
+    };
+    Ok(Secrets { amqp, amqp_missing, hash: desired::sha256_hex(material.as_bytes()), missing })
 }
 
 /// Server-side applies `object`.
@@ -213,8 +260,11 @@ async fn finalize(ht: &HighTemplar, ctx: &Context, ns: &str) -> Result<Action, E
     if let Some(rabbitmq) = &ht.spec.rabbitmq
         && rabbitmq.deletion_policy == DeletionPolicy::Delete
     {
-        let url = secret_value(&ctx.client, ns, &rabbitmq.url_secret_ref).await?;
-        rabbitmq::delete_exchange(&url, &rabbitmq.exchange).await?;
+        let secrets = read_secrets(&ctx.client, ns, ht).await?;
+        let target = secrets.amqp.ok_or_else(|| {
+            Error::SecretMissing(secrets.amqp_missing.unwrap_or_else(|| "the RabbitMQ URL Secret is missing".into()))
+        })?;
+        rabbitmq::delete_exchange(&target, &rabbitmq.exchange).await?;
         info!(ht = %status::display_name(ht), exchange = %rabbitmq.exchange, "exchange deleted");
         publish(
             ctx,
@@ -271,10 +321,13 @@ async fn reconcile_inner(ht: &HighTemplar, ctx: &Context, ns: &str) -> Result<Ac
     let first_time = ht.status.is_none();
     let applied = apply_objects(ht, ctx, ns, &inputs).await;
 
-    let broker = match (&ht.spec.rabbitmq, &secrets.amqp_url) {
+    let broker = match (&ht.spec.rabbitmq, &secrets.amqp) {
         (None, _) => BrokerState::Embedded,
-        (Some(_), None) => BrokerState::Failed("SecretMissing", "the RabbitMQ URL Secret is missing".into()),
-        (Some(r), Some(url)) => match rabbitmq::declare_exchange(url, &r.exchange, r.durable).await {
+        (Some(_), None) => BrokerState::Failed(
+            "SecretMissing",
+            secrets.amqp_missing.clone().unwrap_or_else(|| "the RabbitMQ URL Secret is missing".into()),
+        ),
+        (Some(r), Some(target)) => match rabbitmq::declare_exchange(target, &r.exchange, r.durable).await {
             Ok(()) => BrokerState::Declared,
             Err(e) => BrokerState::Failed(e.reason(), e.to_string()),
         },

@@ -23,8 +23,9 @@ use lapin::options::{
     ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+use lapin::tcp::{AsyncTcpStream, RustlsConnector};
 use lapin::types::FieldTable;
-use lapin::uri::AMQPUri;
+use lapin::uri::{AMQPScheme, AMQPUri};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ErrorKind, ExchangeKind};
 use tracing::{info, warn};
 
@@ -32,7 +33,8 @@ use super::{Broker, BrokerError};
 use crate::config::{AmqpConfig, seconds};
 use crate::hub::Hub;
 use crate::log_throttle::LogThrottle;
-use crate::metrics::{Metrics, Reason, TriggerSource};
+use crate::metrics::{Metrics, Reason, TlsFailureLabels, TriggerSource};
+use crate::tls::TlsError;
 use crate::trigger::{Published, TriggerLimits};
 
 /// The routing key 3.x publishers use and every queue is bound with.
@@ -69,12 +71,57 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
+/// Connects to `uri`: plain for `amqp://`, over TLS with `tls` for
+/// `amqps://` (hostname verified against the URL's host). The
+/// `connection_timeout` of the URL bounds the TCP connect and the handshake.
+/// Shared with the operator, which declares the exchange the same way.
+pub async fn connect(
+    uri: AMQPUri,
+    properties: ConnectionProperties,
+    tls: Option<Arc<rustls::ClientConfig>>,
+) -> lapin::Result<Connection> {
+    let Some(tls) = tls.filter(|_| uri.scheme == AMQPScheme::AMQPS) else {
+        if uri.scheme == AMQPScheme::AMQPS {
+            return Err(std::io::Error::other("amqps:// needs a TLS configuration").into());
+        }
+        return Connection::connect_uri(uri, properties).await;
+    };
+    let connector = Arc::new(RustlsConnector::from(tls));
+    let runtime = lapin::runtime::default_runtime()?;
+    Connection::connector(
+        uri,
+        runtime,
+        async move |uri: AMQPUri, runtime| {
+            let host = uri.authority.host.clone();
+            let timeout = Duration::from_millis(uri.query.connection_timeout.unwrap_or(10_000));
+            let connect = async {
+                let addrs: Vec<std::net::SocketAddr> =
+                    tokio::net::lookup_host((host.as_str(), uri.authority.port)).await?.collect();
+                AsyncTcpStream::connect(&runtime, addrs).await?.into_rustls(&connector, &host).await
+            };
+            match tokio::time::timeout(timeout, connect).await {
+                Ok(stream) => Ok(stream?),
+                Err(_) => Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("connect and TLS handshake did not finish within {timeout:?}"),
+                )
+                .into()),
+            }
+        },
+        properties,
+    )
+    .await
+}
+
 /// Why the broker cannot be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum AmqpSetupError {
     /// The URL is missing or unparsable (validated config prevents this).
-    #[error("broker.amqp.url is missing or not an amqp:// URL")]
+    #[error("broker.amqp.url is missing or not an amqp:// or amqps:// URL")]
     Url,
+    /// `broker.amqp.tls` cannot be used.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
 }
 
 /// State shared by the broker handle and its supervisor task.
@@ -85,6 +132,10 @@ struct Shared {
     limits: TriggerLimits,
     /// Connection target, heartbeat and timeout filled in.
     uri: AMQPUri,
+    /// TLS client configuration, for `amqps://`.
+    tls: Option<Arc<rustls::ClientConfig>>,
+    /// Why the last connection attempt failed or ended, for `/readyz`.
+    last_error: Mutex<Option<String>>,
     /// Where consumed triggers are fanned out.
     hub: Arc<Hub>,
     /// Process metrics.
@@ -135,10 +186,16 @@ impl AmqpBroker {
         if uri.query.connection_timeout.is_none() {
             uri.query.connection_timeout = Some(5_000);
         }
+        let tls = match uri.scheme {
+            AMQPScheme::AMQPS => Some(crate::tls::client_config(&config.tls, "broker.amqp.tls")?),
+            AMQPScheme::AMQP => None,
+        };
         let shared = Arc::new(Shared {
             config,
             limits,
             uri,
+            tls,
+            last_error: Mutex::new(None),
             hub,
             metrics,
             ready: AtomicBool::new(false),
@@ -180,6 +237,10 @@ impl Broker for AmqpBroker {
         self.shared.ready.load(Ordering::Relaxed)
     }
 
+    fn last_error(&self) -> Option<String> {
+        self.shared.last_error.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     fn name(&self) -> &'static str {
         "amqp"
     }
@@ -202,10 +263,14 @@ async fn supervise(shared: Arc<Shared>) {
             shared.metrics.amqp_reconnects.inc();
         }
         first = false;
-        let (consumed, error) = match consume(&shared).await {
-            Ok(()) => (true, "consumer stopped".to_string()),
-            Err(Lost { consumed, error }) => (consumed, error),
+        let (consumed, error, tls) = match consume(&shared).await {
+            Ok(()) => (true, "consumer stopped".to_string(), None),
+            Err(Lost { consumed, error, tls }) => (consumed, error, tls),
         };
+        if let Some(reason) = tls {
+            shared.metrics.tls_failures.get_or_create(&TlsFailureLabels { peer: "broker", reason }).inc();
+        }
+        *shared.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(error.clone());
         shared.set_ready(false);
         shared.set_publisher(None);
         if consumed {
@@ -229,10 +294,15 @@ struct Lost {
     consumed: bool,
     /// What happened (never contains the URL).
     error: String,
+    /// The TLS failure's reason, when it was one.
+    tls: Option<&'static str>,
 }
 
 fn lost(consumed: bool) -> impl Fn(lapin::Error) -> Lost {
-    move |e| Lost { consumed, error: e.to_string() }
+    move |e| match crate::tls::failure(&e) {
+        Some(tls) => Lost { consumed, error: tls.message, tls: Some(tls.reason) },
+        None => Lost { consumed, error: e.to_string(), tls: None },
+    }
 }
 
 /// Declares the exchange; if it exists with other arguments (a 3.x gateway
@@ -270,7 +340,7 @@ async fn declare_exchange(shared: &Shared, connection: &Connection, channel: Cha
 async fn consume(shared: &Shared) -> Result<(), Lost> {
     let properties = ConnectionProperties::default()
         .with_connection_name(format!("high-templar-gateway pid {}", std::process::id()).into());
-    let connection = Connection::connect_uri(shared.uri.clone(), properties).await.map_err(lost(false))?;
+    let connection = connect(shared.uri.clone(), properties, shared.tls.clone()).await.map_err(lost(false))?;
     let channel = connection.create_channel().await.map_err(lost(false))?;
     let channel = declare_exchange(shared, &connection, channel).await.map_err(lost(false))?;
     channel.basic_qos(shared.config.prefetch, BasicQosOptions::default()).await.map_err(lost(false))?;

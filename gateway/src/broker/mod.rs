@@ -29,6 +29,12 @@ pub trait Broker: Send + Sync + 'static {
     /// Whether triggers flow now; drives `/readyz`.
     fn is_ready(&self) -> bool;
 
+    /// Why the broker is not ready, when it knows (shown by `/readyz`;
+    /// never holds a password).
+    fn last_error(&self) -> Option<String> {
+        None
+    }
+
     /// A short name for logs and metrics.
     fn name(&self) -> &'static str;
 }

@@ -4,16 +4,17 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment};
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction,
-    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecretKeySelector,
-    SecurityContext, TopologySpreadConstraint, Volume, VolumeMount,
+    Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, KeyToPath,
+    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ProjectedVolumeSource, ResourceRequirements, SeccompProfile,
+    SecretKeySelector, SecretProjection, SecurityContext, TopologySpreadConstraint, Volume, VolumeMount,
+    VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::ResourceExt;
 
-use super::gateway_config::{CONFIG_PATH, GATEWAY_PORT, termination_grace_seconds};
+use super::gateway_config::{CONFIG_PATH, GATEWAY_PORT, TLS_DIR, termination_grace_seconds, tls_file};
 use super::{CONFIG_HASH_ANNOTATION, CONFIG_KEY, Inputs, SECRETS_HASH_ANNOTATION, gateway_config_yaml, meta};
 use super::{selector_labels, sha256_hex};
 use crate::crd::{HighTemplar, SecretKeyRef};
@@ -57,6 +58,34 @@ fn default_resources() -> ResourceRequirements {
     }
 }
 
+/// The TLS Secrets of `ht`, projected into one read-only volume at
+/// [`TLS_DIR`] (`rabbitmq/ca.crt`, `backend/tls.key`, ...); `None` without
+/// any.
+fn tls_volume(ht: &HighTemplar) -> Option<Volume> {
+    let peers = [
+        ("rabbitmq", ht.spec.rabbitmq.as_ref().and_then(|r| r.tls.as_ref())),
+        ("backend", ht.spec.backend.tls.as_ref()),
+    ];
+    let mut sources = Vec::new();
+    for (peer, tls) in peers {
+        for (role, reference) in tls.map(|t| t.references()).unwrap_or_default() {
+            sources.push(VolumeProjection {
+                secret: Some(SecretProjection {
+                    name: reference.name,
+                    items: Some(vec![KeyToPath { key: reference.key, path: tls_file(peer, role), mode: None }]),
+                    optional: Some(false),
+                }),
+                ..VolumeProjection::default()
+            });
+        }
+    }
+    (!sources.is_empty()).then(|| Volume {
+        name: "tls".into(),
+        projected: Some(ProjectedVolumeSource { sources: Some(sources), ..ProjectedVolumeSource::default() }),
+        ..Volume::default()
+    })
+}
+
 /// The restricted Pod Security Standard, for the container.
 fn container_security() -> SecurityContext {
     SecurityContext {
@@ -88,6 +117,30 @@ pub fn deployment(ht: &HighTemplar, inputs: &Inputs) -> Deployment {
     let mut pod_labels = super::labels(ht);
     pod_labels.extend(selector_labels(ht));
     let image = spec.image.clone().unwrap_or_else(|| inputs.default_image.clone());
+    let mut mounts = vec![VolumeMount {
+        name: "config".into(),
+        mount_path: "/etc/high-templar".into(),
+        read_only: Some(true),
+        ..VolumeMount::default()
+    }];
+    let mut volumes = vec![Volume {
+        name: "config".into(),
+        config_map: Some(ConfigMapVolumeSource {
+            name: ht.name_any(),
+            items: Some(vec![KeyToPath { key: CONFIG_KEY.into(), path: CONFIG_KEY.into(), ..Default::default() }]),
+            ..ConfigMapVolumeSource::default()
+        }),
+        ..Volume::default()
+    }];
+    if let Some(tls) = tls_volume(ht) {
+        mounts.push(VolumeMount {
+            name: tls.name.clone(),
+            mount_path: TLS_DIR.into(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        });
+        volumes.push(tls);
+    }
     let container = Container {
         name: "gateway".into(),
         image: Some(image),
@@ -104,12 +157,7 @@ pub fn deployment(ht: &HighTemplar, inputs: &Inputs) -> Deployment {
         liveness_probe: Some(probe("/healthz", 10, 3)),
         resources: Some(spec.resources.clone().unwrap_or_else(default_resources)),
         security_context: Some(container_security()),
-        volume_mounts: Some(vec![VolumeMount {
-            name: "config".into(),
-            mount_path: "/etc/high-templar".into(),
-            read_only: Some(true),
-            ..VolumeMount::default()
-        }]),
+        volume_mounts: Some(mounts),
         ..Container::default()
     };
     let pod = PodSpec {
@@ -133,19 +181,7 @@ pub fn deployment(ht: &HighTemplar, inputs: &Inputs) -> Deployment {
         tolerations: (!spec.tolerations.is_empty()).then(|| spec.tolerations.clone()),
         affinity: spec.affinity.clone(),
         automount_service_account_token: Some(false),
-        volumes: Some(vec![Volume {
-            name: "config".into(),
-            config_map: Some(ConfigMapVolumeSource {
-                name: ht.name_any(),
-                items: Some(vec![k8s_openapi::api::core::v1::KeyToPath {
-                    key: CONFIG_KEY.into(),
-                    path: CONFIG_KEY.into(),
-                    ..Default::default()
-                }]),
-                ..ConfigMapVolumeSource::default()
-            }),
-            ..Volume::default()
-        }]),
+        volumes: Some(volumes),
         ..PodSpec::default()
     };
     Deployment {

@@ -2,16 +2,44 @@
 //! ConfigMap carries. Secrets (AMQP URL, trigger token) are not in it; the
 //! Deployment passes them as environment variables from their Secrets.
 
-use high_templar_gateway::config::{BrokerKind, Config, Listen, seconds};
+use high_templar_gateway::config::{BrokerKind, Config, Listen, TlsConfig, seconds};
 use high_templar_gateway::forwarding::{ForwardRule, Source, Sources};
 
-use crate::crd::{ForwardSourceSpec, HighTemplarSpec};
+use crate::crd::{ForwardSourceSpec, HighTemplarSpec, TlsSpec};
 
 /// Port the gateway listens on inside the pod.
 pub const GATEWAY_PORT: u16 = 8080;
 
 /// Path of the config file inside the pod.
 pub const CONFIG_PATH: &str = "/etc/high-templar/config.yaml";
+
+/// Where the TLS Secrets are mounted inside the pod (not under the config
+/// volume: nested mounts in a ConfigMap volume are fragile): `<dir>/rabbitmq/` and
+/// `<dir>/backend/`, each with `ca.crt`, `tls.crt`, `tls.key` as configured.
+pub const TLS_DIR: &str = "/etc/high-templar-tls";
+
+/// The file a TLS Secret key is mounted as: `peer` is `rabbitmq` or
+/// `backend`, `role` is `ca`, `cert` or `key`. Relative to [`TLS_DIR`].
+pub fn tls_file(peer: &str, role: &str) -> String {
+    let file = match role {
+        "ca" => "ca.crt",
+        "cert" => "tls.crt",
+        _ => "tls.key",
+    };
+    format!("{peer}/{file}")
+}
+
+/// The gateway's TLS settings for `tls`: the mounted files.
+fn tls_config(peer: &str, tls: Option<&TlsSpec>) -> TlsConfig {
+    let path = |role| Some(format!("{TLS_DIR}/{}", tls_file(peer, role)).into());
+    let Some(tls) = tls else { return TlsConfig::default() };
+    let client = tls.client_cert_secret_ref.is_some();
+    TlsConfig {
+        ca_file: tls.ca_secret_ref.as_ref().and_then(|_| path("ca")),
+        cert_file: if client { path("cert") } else { None },
+        key_file: if client { path("key") } else { None },
+    }
+}
 
 fn source(spec: &ForwardSourceSpec) -> Option<Source> {
     // The CRD's CEL rule guarantees exactly one field is set.
@@ -54,6 +82,7 @@ pub fn gateway_config(spec: &HighTemplarSpec) -> Config {
     c.backend.admission.max_wait_seconds = admission.max_wait_seconds as f64;
     c.backend.coalesce = spec.backend.coalesce;
     c.backend.answer_reuse.seconds = f64::from(spec.backend.answer_reuse_seconds);
+    c.backend.tls = tls_config("backend", spec.backend.tls.as_ref());
     let breaker = &spec.backend.circuit_breaker;
     c.backend.circuit_breaker.enabled = breaker.enabled;
     c.backend.circuit_breaker.window = usize::try_from(breaker.window).unwrap_or(c.backend.circuit_breaker.window);
@@ -63,6 +92,7 @@ pub fn gateway_config(spec: &HighTemplarSpec) -> Config {
         c.broker.kind = BrokerKind::Amqp;
         c.broker.amqp.exchange = rabbitmq.exchange.clone();
         c.broker.amqp.exchange_durable = rabbitmq.durable;
+        c.broker.amqp.tls = tls_config("rabbitmq", rabbitmq.tls.as_ref());
     }
     c.permissions.user_path = spec.permissions.user_path.clone();
     c.permissions.refresh_seconds = f64::from(spec.permissions.refresh_seconds);

@@ -28,6 +28,7 @@ impl Fixture {
                 circuit_breaker: Default::default(),
                 coalesce: true,
                 answer_reuse_seconds: 0,
+                tls: None,
             },
             rabbitmq: None,
             trigger: None,
@@ -58,6 +59,7 @@ impl Fixture {
     pub(crate) fn rabbitmq(mut self) -> Fixture {
         self.ht.spec.rabbitmq = Some(RabbitmqSpec {
             url_secret_ref: SecretKeyRef { name: "rabbitmq".into(), key: "url".into() },
+            tls: None,
             exchange: "hightemplar".into(),
             durable: true,
             deletion_policy: DeletionPolicy::Retain,
@@ -294,4 +296,97 @@ fn spec_image_and_pod_settings_win() {
     assert_eq!(pod.containers[0].image.as_deref(), Some("registry.example/ht:1"));
     assert_eq!(pod.node_selector.expect("selector")["pool"], "ws");
     assert_eq!(template.metadata.expect("meta").annotations.expect("a")["team"], "rt");
+}
+
+#[test]
+fn tls_secrets_are_mounted_and_the_config_names_their_files() {
+    use crate::crd::{SecretRef, TlsSpec};
+    let ht = Fixture::new("chat")
+        .rabbitmq()
+        .with(|s| {
+            s.rabbitmq.as_mut().expect("rabbitmq").tls = Some(TlsSpec {
+                ca_secret_ref: Some(SecretKeyRef { name: "mq-ca".into(), key: "ca.pem".into() }),
+                client_cert_secret_ref: Some(SecretRef { name: "mq-client".into() }),
+            });
+            s.backend.url = "https://api.example.com/api/".into();
+            s.backend.tls = Some(TlsSpec {
+                ca_secret_ref: Some(SecretKeyRef { name: "api-ca".into(), key: "ca.crt".into() }),
+                client_cert_secret_ref: None,
+            });
+        })
+        .build();
+    let mut config = parse_config(&ht);
+    let path = |p: &Option<std::path::PathBuf>| p.as_ref().map(|p| p.to_string_lossy().into_owned());
+    assert_eq!(path(&config.broker.amqp.tls.ca_file).as_deref(), Some("/etc/high-templar-tls/rabbitmq/ca.crt"));
+    assert_eq!(path(&config.broker.amqp.tls.cert_file).as_deref(), Some("/etc/high-templar-tls/rabbitmq/tls.crt"));
+    assert_eq!(path(&config.broker.amqp.tls.key_file).as_deref(), Some("/etc/high-templar-tls/rabbitmq/tls.key"));
+    assert_eq!(path(&config.backend.tls.ca_file).as_deref(), Some("/etc/high-templar-tls/backend/ca.crt"));
+    assert_eq!(config.backend.tls.cert_file, None);
+    config.broker.amqp.url = Some(high_templar_gateway::config::Secret("amqps://u:p@mq:5671/%2f".into()));
+    config.validate().expect("valid gateway config");
+
+    let pod = deployment(&ht, &inputs()).spec.expect("spec").template.spec.expect("pod");
+    let mounts = pod.containers[0].volume_mounts.clone().expect("mounts");
+    let mount = mounts.iter().find(|m| m.name == "tls").expect("the tls volume is mounted");
+    assert_eq!((mount.mount_path.as_str(), mount.read_only), ("/etc/high-templar-tls", Some(true)));
+    let volume = pod.volumes.expect("volumes").into_iter().find(|v| v.name == "tls").expect("tls volume");
+    let projected: Vec<(String, String, String)> = volume
+        .projected
+        .expect("projected")
+        .sources
+        .expect("sources")
+        .into_iter()
+        .flat_map(|s| {
+            let secret = s.secret.expect("a secret");
+            let name = secret.name.clone();
+            secret.items.expect("items").into_iter().map(move |i| (name.clone(), i.key, i.path))
+        })
+        .collect();
+    let expected = [
+        ("mq-ca", "ca.pem", "rabbitmq/ca.crt"),
+        ("mq-client", "tls.crt", "rabbitmq/tls.crt"),
+        ("mq-client", "tls.key", "rabbitmq/tls.key"),
+        ("api-ca", "ca.crt", "backend/ca.crt"),
+    ];
+    let expected: Vec<(String, String, String)> =
+        expected.iter().map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string())).collect();
+    assert_eq!(projected, expected);
+    // No TLS settings: no volume, nothing in the config.
+    let plain = Fixture::new("chat").rabbitmq().build();
+    let pod = deployment(&plain, &inputs()).spec.expect("spec").template.spec.expect("pod");
+    assert!(pod.volumes.expect("volumes").iter().all(|v| v.name != "tls"));
+    assert!(!config_map(&plain).data.expect("data")[CONFIG_KEY].contains("tls"));
+}
+
+#[test]
+fn every_tls_secret_is_referenced_for_the_watch_and_the_hash() {
+    use crate::crd::{SecretRef, TlsSpec};
+    let ht = Fixture::new("chat")
+        .rabbitmq()
+        .trigger()
+        .with(|s| {
+            s.rabbitmq.as_mut().expect("rabbitmq").tls = Some(TlsSpec {
+                ca_secret_ref: Some(SecretKeyRef { name: "mq-ca".into(), key: "ca.crt".into() }),
+                client_cert_secret_ref: None,
+            });
+            s.backend.tls = Some(TlsSpec {
+                ca_secret_ref: None,
+                client_cert_secret_ref: Some(SecretRef { name: "api-client".into() }),
+            });
+        })
+        .build();
+    let refs: Vec<String> = crate::reconcile::secret_references(&ht)
+        .into_iter()
+        .map(|(what, role, r)| format!("{what}:{role}:{}/{}", r.name, r.key))
+        .collect();
+    assert_eq!(
+        refs,
+        [
+            "amqp::rabbitmq/url",
+            "rabbitmq-tls:ca:mq-ca/ca.crt",
+            "trigger::ht-trigger/token",
+            "backend-tls:cert:api-client/tls.crt",
+            "backend-tls:key:api-client/tls.key"
+        ]
+    );
 }

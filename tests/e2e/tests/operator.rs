@@ -253,7 +253,11 @@ async fn invalid_resources_are_rejected_by_the_apiserver() {
                    "rabbitmq": {"urlSecretRef": {"name": "r", "key": "u"}}}),
             "minReplicas must not exceed",
         ),
-        (json!({"replicas": 1, "backend": {"url": "ftp://api/"}}), "backend.url must be an http:// URL"),
+        (json!({"replicas": 1, "backend": {"url": "ftp://api/"}}), "backend.url must be an http:// or https:// URL"),
+        (
+            json!({"replicas": 1, "backend": {"url": "http://api/", "tls": {"caSecretRef": {"name": "ca", "key": "ca.crt"}}}}),
+            "backend.tls needs an https:// backend.url",
+        ),
         (json!({"replicas": 1}), "backend"),
         (
             json!({"replicas": 5000, "backend": {"url": "http://api/"}, "rabbitmq": {"urlSecretRef": {"name": "r", "key": "u"}}}),
@@ -415,5 +419,107 @@ async fn exchange_with_other_arguments_is_a_precondition_failure() {
     })
     .await;
     let _ = channel.exchange_delete(exchange.as_str().into(), Default::default()).await;
+    env.finish().await;
+}
+
+/// The CA and client certificate of the test RabbitMQ's TLS listener
+/// (tests/rabbitmq.sh: 127.0.0.1:5671, certificate for `localhost` only).
+fn rabbitmq_tls(file: &str) -> String {
+    let dir = std::env::var("HT_RABBITMQ_TLS_DIR").unwrap_or_else(|_| "/var/lib/rabbitmq/ht-test-tls".into());
+    let path = format!("{dir}/{file}");
+    let listening = std::net::TcpStream::connect(("127.0.0.1", 5671)).is_ok();
+    match std::fs::read_to_string(&path) {
+        Ok(text) if listening => text,
+        _ => panic!(
+            "this test needs the RabbitMQ TLS listener on 127.0.0.1:5671 (listening: {listening}) and {path}: run \
+             tests/rabbitmq.sh (as root), which makes them"
+        ),
+    }
+}
+
+fn broker_condition(s: &HighTemplarStatus) -> Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+    s.conditions.iter().find(|c| c.type_ == "BrokerReady")
+}
+
+#[tokio::test]
+async fn amqps_with_ca_and_client_certificate_secrets_and_tls_failures_as_conditions() {
+    let env = Env::new("tls").await;
+    let exchange = unique_exchange("tls");
+    env.secret("rabbitmq", "url", "amqps://guest:guest@localhost:5671/%2f").await;
+    env.secret("mq-ca", "ca.crt", &rabbitmq_tls("ca.pem")).await;
+    let client_cert = Secret {
+        metadata: kube::api::ObjectMeta { name: Some("mq-client".into()), ..Default::default() },
+        type_: Some("kubernetes.io/tls".into()),
+        data: Some(BTreeMap::from([
+            ("tls.crt".to_string(), ByteString(rabbitmq_tls("client.pem").into_bytes())),
+            ("tls.key".to_string(), ByteString(rabbitmq_tls("client.key").into_bytes())),
+        ])),
+        ..Default::default()
+    };
+    env.api::<Secret>()
+        .patch("mq-client", &PatchParams::apply("high-templar-tests").force(), &Patch::Apply(&client_cert))
+        .await
+        .expect("apply the client certificate Secret");
+    env.secret("ht-trigger", "token", "t").await;
+    let mut spec = spec(&exchange, "Retain");
+    spec["rabbitmq"]["tls"] =
+        json!({"caSecretRef": {"name": "mq-ca", "key": "ca.crt"}, "clientCertSecretRef": {"name": "mq-client"}});
+    env.apply("chat", spec.clone()).await.expect("valid");
+    let status = env
+        .status_where("chat", "BrokerReady True over amqps", |s| {
+            broker_condition(s).is_some_and(|c| c.status == "True")
+        })
+        .await;
+    assert_eq!(condition(&status, "BrokerReady"), ("True", "ExchangeDeclared"));
+    assert!(exchange_exists(&exchange).await, "declared over TLS, visible on the plain port");
+
+    // The gateway pods get the Secrets as files, and the config names them.
+    let config = env.api::<ConfigMap>().get("chat").await.expect("ConfigMap");
+    let yaml = &config.data.expect("data")[CONFIG_KEY];
+    for file in ["rabbitmq/ca.crt", "rabbitmq/tls.crt", "rabbitmq/tls.key"] {
+        assert!(yaml.contains(&format!("/etc/high-templar-tls/{file}")), "{file} in {yaml}");
+    }
+    let deployment = env.api::<Deployment>().get("chat").await.expect("Deployment");
+    let pod = deployment.spec.as_ref().and_then(|s| s.template.spec.as_ref()).expect("pod spec");
+    let volume = pod.volumes.as_ref().and_then(|v| v.iter().find(|v| v.name == "tls")).expect("tls volume");
+    let sources = volume.projected.as_ref().and_then(|p| p.sources.as_ref()).expect("projected Secrets");
+    let names: Vec<&str> = sources.iter().filter_map(|s| s.secret.as_ref()).map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["mq-ca", "mq-client", "mq-client"]);
+    let hash = pod_annotation(&deployment, SECRETS_HASH_ANNOTATION);
+
+    // A CA that did not sign the broker's certificate: the Secret watch
+    // re-reconciles, BrokerReady False with the TLS reason, and the pods roll.
+    let key = rcgen::KeyPair::generate().expect("key");
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let wrong_ca = params.self_signed(&key).expect("a CA").pem();
+    env.secret("mq-ca", "ca.crt", &wrong_ca).await;
+    let status = env
+        .status_where("chat", "BrokerReady TLSError (unknown CA)", |s| {
+            broker_condition(s).is_some_and(|c| c.reason == "TLSError" && c.message.contains("unknown issuer"))
+        })
+        .await;
+    let broker = broker_condition(&status).expect("condition");
+    assert_eq!(broker.status, "False");
+    assert!(!broker.message.contains("guest:guest"), "{}", broker.message);
+    let rolled = env.api::<Deployment>().get("chat").await.expect("Deployment");
+    assert_ne!(pod_annotation(&rolled, SECRETS_HASH_ANNOTATION), hash, "a CA change rolls the pods");
+
+    // The right CA, but the URL's host is not the certificate's name.
+    env.secret("mq-ca", "ca.crt", &rabbitmq_tls("ca.pem")).await;
+    env.secret("rabbitmq", "url", "amqps://guest:guest@127.0.0.1:5671/%2f").await;
+    let status = env
+        .status_where("chat", "BrokerReady TLSError (hostname mismatch)", |s| {
+            broker_condition(s).is_some_and(|c| c.reason == "TLSError" && c.message.contains("hostname mismatch"))
+        })
+        .await;
+    assert_eq!(condition(&status, "BrokerReady").0, "False");
+
+    // TLS settings with an amqp:// URL: said so, not attempted.
+    env.secret("rabbitmq", "url", AMQP_URL).await;
+    env.status_where("chat", "BrokerReady InvalidURL", |s| {
+        broker_condition(s).is_some_and(|c| c.reason == "InvalidURL" && c.message.contains("amqps://"))
+    })
+    .await;
     env.finish().await;
 }
