@@ -12,6 +12,7 @@
 mod admission;
 mod backend;
 mod client;
+mod floor;
 mod procstat;
 mod publish;
 mod report;
@@ -52,6 +53,16 @@ enum Command {
     Run(RunArgs),
     /// A preset scenario (see README): idle, hot, sparse, wildcard, storm, churn, admission.
     Scenario(ScenarioArgs),
+    /// Print the hot scenario's shape at --scale for the floor probe (tests/bench/floor):
+    /// "<connections> <rate,rate,…> <seconds per step> <payload bytes>".
+    FloorSpec(FloorSpecArgs),
+}
+
+#[derive(Debug, Args)]
+struct FloorSpecArgs {
+    /// The hot scenario's --scale.
+    #[arg(long, default_value_t = 1.0)]
+    scale: f64,
 }
 
 #[derive(Debug, Args)]
@@ -232,6 +243,11 @@ struct ScenarioArgs {
     /// Multiply connection counts, room counts and durations by this (e.g. 0.01 runs in seconds).
     #[arg(long, default_value_t = 1.0)]
     scale: f64,
+    /// The floor probe's result (floor.json of tests/bench/floor, measured on this machine just before):
+    /// the hot report then shows, per step, the gateway's CPU per delivery, p99 and deliveries/s beside the
+    /// floor's, with the ratios (hot only).
+    #[arg(long, value_name = "FILE")]
+    floor: Option<std::path::PathBuf>,
     #[command(flatten)]
     common: CommonArgs,
     #[command(flatten)]
@@ -280,7 +296,7 @@ fn secs(s: f64) -> Duration {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let workers = match &cli.command {
-        Command::ServeBackend(_) => 1,
+        Command::ServeBackend(_) | Command::FloorSpec(_) => 1,
         Command::Run(a) => a.common.workers,
         Command::Scenario(a) => a.common.workers,
     };
@@ -297,6 +313,10 @@ fn main() -> ExitCode {
             Command::ServeBackend(args) => serve_backend(args).await,
             Command::Run(args) => custom_run(args).await,
             Command::Scenario(args) => scenario(args).await,
+            Command::FloorSpec(args) => scenarios::floor_spec(args.scale).map(|line| {
+                println!("{line}");
+                ExitCode::SUCCESS
+            }),
         }
     });
     // Clients still closing must not hold the exit.
@@ -377,18 +397,21 @@ async fn custom_run(args: RunArgs) -> Result<ExitCode, String> {
         slow_clients: args.slow_clients,
         churn: (args.churn_rate > 0.0).then(|| ChurnSpec { rate: args.churn_rate, hold: secs(args.churn_hold) }),
     };
-    execute(&args.common, vec![spec], None).await
+    execute(&args.common, vec![spec], None, None).await
 }
 
 async fn scenario(args: ScenarioArgs) -> Result<ExitCode, String> {
     if args.scale.is_nan() || args.scale <= 0.0 {
         return Err("--scale must be positive".into());
     }
+    if args.floor.is_some() && args.name != Scenario::Hot {
+        return Err("--floor applies to the hot scenario only".into());
+    }
     if args.name == Scenario::Admission {
         return admission_scenario(&args).await;
     }
     let specs = scenarios::runs(args.name, args.scale);
-    execute(&args.common, specs, Some((args.name, args.scale))).await
+    execute(&args.common, specs, Some((args.name, args.scale)), args.floor.as_deref()).await
 }
 
 /// Raises the open-file limit for `needed` connections (a warning when it
@@ -498,6 +521,7 @@ async fn admission_scenario(args: &ScenarioArgs) -> Result<ExitCode, String> {
         backend_requests: Some(reports.iter().map(|r| r.backend.calls).sum()),
         runs: Vec::new(),
         summary: admission::summary(&reports),
+        floor: None,
         admission: reports,
         ok: problems.is_empty(),
         problems,
@@ -578,6 +602,7 @@ async fn execute(
     common: &CommonArgs,
     specs: Vec<RunSpec>,
     preset: Option<(Scenario, f64)>,
+    floor: Option<&std::path::Path>,
 ) -> Result<ExitCode, String> {
     let progress = !common.quiet;
     nofile_for(common, specs.iter().map(|s| s.connections + s.slow_clients).max().unwrap_or(0));
@@ -656,6 +681,10 @@ async fn execute(
         Some((scenario, _)) => scenarios::summary(scenario, &reports),
         None => json!({}),
     };
+    let floor = floor.map(|path| match reports.first() {
+        Some(run) => floor::compare(path, &run.steps, run.connections.ok),
+        None => floor::compare(path, &[], 0),
+    });
     let problems: Vec<String> = reports.iter().flat_map(|r| r.problems()).collect();
     let report = Report {
         tool: "high-templar-bench",
@@ -668,6 +697,7 @@ async fn execute(
         runs: reports,
         admission: Vec::new(),
         summary,
+        floor,
         ok: problems.is_empty(),
         problems,
     };
@@ -713,5 +743,10 @@ mod tests {
         let Command::Scenario(args) = cli.command else { panic!("scenario") };
         assert_eq!(args.admission.variants, vec![admission::Variant::Shared, admission::Variant::Grouped]);
         assert_eq!((args.admission.users, args.admission.backend_capacity), (Some(7), 32));
+        let cli = Cli::try_parse_from(["b", "scenario", "hot", "--floor", "r/floor.json"]).expect("parses");
+        let Command::Scenario(args) = cli.command else { panic!("scenario") };
+        assert_eq!(args.floor.as_deref(), Some(std::path::Path::new("r/floor.json")));
+        let cli = Cli::try_parse_from(["b", "floor-spec", "--scale", "0.5"]).expect("parses");
+        assert!(matches!(cli.command, Command::FloorSpec(FloorSpecArgs { scale: 0.5 })));
     }
 }

@@ -8,6 +8,8 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 use serde_json::Value;
 
+use crate::floor::FloorComparison;
+
 /// Latency percentiles, milliseconds.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Latency {
@@ -468,6 +470,9 @@ pub struct Report {
     pub admission: Vec<AdmissionReport>,
     /// Scenario-specific figures.
     pub summary: Value,
+    /// The hot steps beside the floor probe's (`--floor`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub floor: Option<FloorComparison>,
     /// Correctness problems (empty: zero lost, duplicated, unexpected;
     /// every connection and subscription succeeded).
     pub problems: Vec<String>,
@@ -616,6 +621,9 @@ impl Report {
         }
         if !self.admission.is_empty() {
             admission_table(&mut out, &self.admission);
+        }
+        if let Some(floor) = &self.floor {
+            floor.text(&mut out);
         }
         if let Value::Object(summary) = &self.summary {
             if !summary.is_empty() {

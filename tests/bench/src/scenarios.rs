@@ -85,6 +85,31 @@ pub fn storms(variants: &[Variant], scale: f64, users: Option<usize>) -> Vec<Sto
         .collect()
 }
 
+/// The shape of the `hot` scenario at `scale` for the floor probe
+/// (`tests/bench/floor`, which `scenarios.sh` runs just before `hot`):
+/// `<connections> <rate,rate,…> <seconds per step> <payload bytes>`.
+pub fn floor_spec(scale: f64) -> Result<String, String> {
+    if scale.is_nan() || scale <= 0.0 {
+        return Err("--scale must be positive".into());
+    }
+    let runs = runs(Scenario::Hot, scale);
+    let [run] = runs.as_slice() else {
+        return Err("the hot scenario is not one run: the floor probe mirrors one".into());
+    };
+    let Some(first) = run.steps.first() else {
+        return Err("the hot scenario has no step".into());
+    };
+    if run.steps.iter().any(|s| s.duration != first.duration || s.payload_bytes != first.payload_bytes) {
+        return Err("the hot steps differ in duration or payload: the floor probe runs one of each".into());
+    }
+    let rates = run
+        .steps
+        .iter()
+        .map(|s| s.rate.map(|r| r.to_string()).ok_or_else(|| format!("hot step {} has no rate", s.name)))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(format!("{} {} {} {}", run.connections, rates.join(","), first.duration.as_secs_f64(), first.payload_bytes))
+}
+
 /// The runs of `scenario` at `scale` (none for `admission`: see [`storms`]).
 pub fn runs(scenario: Scenario, scale: f64) -> Vec<RunSpec> {
     match scenario {
@@ -309,6 +334,14 @@ mod tests {
         let storms = storms(&[Variant::Distinct, Variant::Shared], 1.0, None);
         assert_eq!((storms[0].clients, storms[0].users), (10_000, 10_000));
         assert_eq!((storms[1].clients, storms[1].users), (10_000, 500));
+    }
+
+    #[test]
+    fn floor_spec_mirrors_hot() {
+        assert_eq!(floor_spec(1.0).as_deref(), Ok("5000 10,20,50,100,200 10 128"));
+        assert_eq!(floor_spec(0.5).as_deref(), Ok("2500 10,20,50,100,200 5 128"));
+        assert_eq!(floor_spec(0.01).as_deref(), Ok("50 10,20,50,100,200 1 128"));
+        assert!(floor_spec(0.0).is_err());
     }
 
     #[test]
