@@ -36,3 +36,68 @@ stop_pid() {
   kill -9 "$1" 2>/dev/null || true
   wait "$1" 2>/dev/null || true
 }
+
+# floor_build: compiles the floor probe (tests/bench/floor/floor_sender.c,
+# floor_reader.c: C11, -O2, libc only) with ${CC:-cc} into
+# target/bench-floor/<hash of the sources, flags and compiler>/, unless it
+# is there already; prints that directory.
+floor_build() {
+  local src=tests/bench/floor cc=${CC:-cc} hash dir prog
+  local flags=(-std=c11 -O2 -Wall -Wextra)
+  if ! command -v "$cc" >/dev/null 2>&1; then
+    echo "floor: no C compiler '$cc' (apt-get install gcc, or set CC)" >&2
+    return 1
+  fi
+  hash=$({
+    cat "$src/floor_common.h" "$src/floor_sender.c" "$src/floor_reader.c"
+    echo "$cc ${flags[*]}"
+    "$cc" --version 2>&1 | sed -n 1p
+  } | sha256sum | cut -c1-16)
+  dir=target/bench-floor/$hash
+  for prog in floor_sender floor_reader; do
+    [ -x "$dir/$prog" ] && continue
+    mkdir -p "$dir"
+    if ! "$cc" "${flags[@]}" -o "$dir/$prog.tmp" "$src/$prog.c"; then
+      echo "floor: compiling $src/$prog.c failed" >&2
+      return 1
+    fi
+    mv "$dir/$prog.tmp" "$dir/$prog"
+  done
+  echo "$dir"
+}
+
+# floor_run DIR PREFIX N SENDER-CORE READER-CORE [SENDER-FLAG…]: runs the
+# floor probe built in DIR: DIR/floor_sender on a free loopback port with
+# the flags given (--rates, --duration, --payload-bytes, …) and
+# DIR/floor_reader with N connections, each pinned to its core with
+# taskset (- for no pinning). Writes PREFIX.json (the reader's JSON),
+# PREFIX.txt (the reader's table and messages) and PREFIX-sender.log. The
+# sender's pid goes into the caller's pids array while it runs (for the
+# caller's cleanup). Returns 0 when both exited 0 (every connection got
+# every frame), 1 otherwise.
+floor_run() {
+  local dir=$1 prefix=$2 n=$3 sender_core=$4 reader_core=$5 port sender rc=0
+  shift 5
+  local sender_pin=() reader_pin=() sources=()
+  [ "$sender_core" = - ] || sender_pin=(taskset -c "$sender_core")
+  [ "$reader_core" = - ] || reader_pin=(taskset -c "$reader_core")
+  # One source address has ≈ 28 000 ephemeral ports.
+  [ "$n" -le 25000 ] || sources=(--source-addrs $((n / 20000 + 1)))
+  port=$(free_port) || return 1
+  # taskset execs the sender: $! is the sender itself.
+  "${sender_pin[@]}" "$dir/floor_sender" --port "$port" --connections "$n" "$@" >"$prefix-sender.log" 2>&1 &
+  sender=$!
+  pids+=("$sender")
+  "${reader_pin[@]}" "$dir/floor_reader" --port "$port" --connections "$n" "${sources[@]}" \
+    >"$prefix.json" 2>"$prefix.txt" || rc=$?
+  if [ "$rc" = 0 ]; then
+    # It exits once the reader closed every connection.
+    wait "$sender" || rc=$?
+  else
+    stop_pid "$sender"
+  fi
+  local kept=() pid
+  for pid in "${pids[@]}"; do [ "$pid" = "$sender" ] || kept+=("$pid"); done
+  pids=("${kept[@]}")
+  [ "$rc" = 0 ] || return 1
+}

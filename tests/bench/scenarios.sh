@@ -4,8 +4,12 @@
 #
 #   tests/bench/scenarios.sh [options] [scenario…]
 #
-# scenarios     any of: idle hot sparse wildcard storm churn admission
-#               (default: all)
+# scenarios     any of: idle floor hot sparse wildcard storm churn admission
+#               (default: all). floor is the floor probe (tests/bench/floor):
+#               a minimal C sender and reader doing hot's fan-out on raw
+#               epoll; it runs just before hot whenever hot runs, and hot's
+#               report then shows its figures beside the gateway's, as
+#               ratios
 # --scale F     passed to every scenario (default 1 = the full sizes; 0.01
 #               runs each in seconds)
 # --results DIR where results go (default target/bench-results/<UTC time>)
@@ -15,6 +19,7 @@
 # --amqp-url U  RabbitMQ (default amqp://guest:guest@127.0.0.1:5672/%2f,
 #               or HTB_AMQP_URL)
 # --no-build    use the release binaries already in target/release
+# --no-floor    do not run the floor probe (hot's report has no ratios)
 # --netns       run the gateway in its own network namespace behind a veth
 #               pair instead of on loopback (needs root and iproute2's ip;
 #               memory broker only), with receive packet steering so the
@@ -35,6 +40,13 @@
 # is stopped on exit. Exit status: 0 when every scenario ran and was
 # correct, 1 otherwise.
 #
+# The floor probe runs hot's shape (connections, rates, seconds per step,
+# payload, from `high-templar-bench floor-spec --scale F`) with its sender
+# on the gateway's core and its reader on the bench's, and writes
+# floor.json (and floor.txt, floor-sender.log); the C sources are compiled
+# with cc into target/bench-floor/<hash>/ once. It runs on loopback only:
+# with --netns it is skipped.
+#
 # On loopback the kernel does the receiver's TCP work on the sender's core,
 # so the bench's receive processing of every delivery is billed to the
 # gateway's core. --netns emulates two hosts instead: namespace htb-gw-PID
@@ -49,7 +61,7 @@ cd "$(dirname "$0")/../.."
 # shellcheck source=tests/bench/lib.sh
 . tests/bench/lib.sh
 
-all=(idle hot sparse wildcard storm churn admission)
+all=(idle floor hot sparse wildcard storm churn admission)
 scale=1
 results=""
 broker=memory
@@ -57,6 +69,7 @@ publish=http
 amqp_url="${HTB_AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}"
 build=1
 netns=0
+floor=1
 scenarios=()
 extra=()
 while [ $# -gt 0 ]; do
@@ -69,13 +82,36 @@ while [ $# -gt 0 ]; do
     --no-build) build=0; shift ;;
     --netns) netns=1; shift ;;
     --) shift; extra=("$@"); break ;;
-    -h|--help) sed -n '2,46p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-    idle|hot|sparse|wildcard|storm|churn|admission) scenarios+=("$1"); shift ;;
+    --no-floor) floor=0; shift ;;
+    -h|--help) sed -n '2,58p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    idle|floor|hot|sparse|wildcard|storm|churn|admission) scenarios+=("$1"); shift ;;
     *) echo "scenarios.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
 [ ${#scenarios[@]} -gt 0 ] || scenarios=("${all[@]}")
 [ "$publish" = amqp ] && broker=amqp
+# The floor goes just before hot (unless named already, or --no-floor);
+# it runs on loopback, so not with --netns.
+if [ "$netns" = 1 ] && [ "$floor" = 1 ]; then
+  echo "scenarios: --netns: the floor probe runs on loopback only: skipping it (hot's report has no ratios)" >&2
+  floor=0
+fi
+ordered=()
+for scenario in "${scenarios[@]}"; do
+  if [ "$scenario" = floor ]; then
+    [ "$floor" = 1 ] && ordered+=(floor)
+    continue
+  fi
+  if [ "$scenario" = hot ] && [ "$floor" = 1 ] && [[ " ${scenarios[*]} " != *" floor "* ]]; then
+    ordered+=(floor)
+  fi
+  ordered+=("$scenario")
+done
+scenarios=("${ordered[@]}")
+if [ ${#scenarios[@]} = 0 ]; then
+  echo "scenarios: nothing to run (floor alone with --no-floor or --netns)" >&2
+  exit 2
+fi
 if [ "$netns" = 1 ]; then
   [ "$(id -u)" = 0 ] || { echo "scenarios: --netns needs root (network namespace, veth pair, RPS)" >&2; exit 2; }
   command -v ip >/dev/null 2>&1 \
@@ -270,10 +306,35 @@ EOF
   return "$rc"
 }
 
+# The floor probe: hot's shape, the sender on the gateway's core, the
+# reader on the bench's.
+floor_ok=0
+run_floor() {
+  local dir spec n rates seconds payload cores=(- -)
+  dir=$(floor_build) || return 1
+  spec=$("$bench" floor-spec --scale "$scale") || return 1
+  read -r n rates seconds payload <<<"$spec"
+  [ ${#server_cpu[@]} = 0 ] || cores=(0 1)
+  echo "scenarios: floor (scale $scale: $n connections, $rates triggers/s, ${seconds}s each, $payload B; $dir)"
+  if floor_run "$dir" "$results/floor" "$n" "${cores[@]}" --rates "$rates" --duration "$seconds" \
+    --payload-bytes "$payload"; then
+    cat "$results/floor.txt"
+    floor_ok=1
+  else
+    cat "$results/floor.txt" "$results/floor-sender.log" >&2
+    echo "scenarios: the floor probe failed (see $results/floor.txt, $results/floor-sender.log)" >&2
+    return 1
+  fi
+}
+
 status=0
 for scenario in "${scenarios[@]}"; do
   if [ "$scenario" = admission ]; then
     run_admission || status=1
+    continue
+  fi
+  if [ "$scenario" = floor ]; then
+    run_floor || status=1
     continue
   fi
   port=$(free_port)
@@ -310,9 +371,15 @@ for scenario in "${scenarios[@]}"; do
   fi
   echo "scenarios: $scenario (scale $scale, broker $broker, publish $publish$([ "$netns" = 1 ] && echo ", netns $ns"))"
   rc=0
+  floor_flag=()
+  if [ "$scenario" = hot ] && [ "$floor_ok" = 1 ]; then
+    floor_flag=(--floor "$results/floor.json")
+  elif [ "$scenario" = hot ] && [ "$floor" = 1 ]; then
+    echo "scenarios: hot: no floor probe result to compare with (it failed)" >&2
+  fi
   HTB_AMQP_URL="$amqp_url" HTB_TRIGGER_TOKEN="$token" "${bench_cpu[@]}" "$bench" scenario "$scenario" \
     --scale "$scale" --url "ws://$gw_host:$port/ws/" --server-pid "$gw" --publish "$publish" \
-    --exchange "$exchange" --json "${netns_bench[@]}" "${extra[@]}" \
+    --exchange "$exchange" --json "${floor_flag[@]}" "${netns_bench[@]}" "${extra[@]}" \
     >"$results/$scenario.json" 2>"$results/$scenario.txt" || rc=$?
   grep -v '^\[bench\]' "$results/$scenario.txt" || true
   [ "$rc" = 0 ] || { echo "scenarios: $scenario exited with $rc" >&2; status=1; }
