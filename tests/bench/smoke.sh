@@ -7,7 +7,10 @@
 # succeeded; in the reconnect storm (admission), every client connected
 # after its 503 retries, with its own rooms, and the backend never had more
 # calls at once than the gateway's cap. Never asserts speed. Takes about
-# 15 s once built. Needs bash only (no curl, no jq).
+# 15 s once built. Needs bash only (no curl, no jq), and cc for the floor
+# probe (tests/bench/floor) in miniature: 50 connections, two 1-s steps,
+# every connection must get every frame; and its loss check must catch
+# one frame withheld on purpose (--fault-skip).
 #
 #   tests/bench/smoke.sh [--release] [--no-amqp] [--no-build] [--keep-logs]
 #
@@ -122,6 +125,53 @@ bench_run() { # label args...
   fi
   echo "${summary[-1]}"
 }
+
+# The floor probe in miniature (tests/bench/floor: a C sender and reader on
+# raw epoll, no gateway): 50 connections, 20 then 200 triggers/s for 1 s
+# each: 220 triggers × 50 connections, every one received once, in order.
+# Then the reader's loss check must fail when the sender withholds the
+# first frame from one connection (--fault-skip): exactly 1 lost, 49 of 50
+# connections complete, exit status 1.
+# sum_field FILE KEY: the sum of every "KEY":N in FILE.
+sum_field() {
+  local total=0 n
+  while read -r n; do total=$((total + n)); done < <(grep -o "\"$2\":[0-9]*" "$1" | cut -d: -f2 || true)
+  echo "$total"
+}
+echo "smoke: floor probe"
+runs=$((runs + 2))
+if ! floor_dir=$(floor_build 2>"$work/floor-build.log"); then
+  failed=1
+  summary+=("FAIL  floor: build failed: $(cat "$work/floor-build.log")")
+  echo "${summary[-1]}"
+else
+  status=0
+  floor_run "$floor_dir" "$work/floor" 50 - - --rates 20,200 --duration 1 || status=$?
+  expected=$(sum_field "$work/floor.json" expected)
+  received=$(sum_field "$work/floor.json" received)
+  complete=$({ grep -o '"complete_connections":50,' "$work/floor.json" || true; } | wc -l)
+  if [ "$status" = 0 ] && grep -q '"ok":true' "$work/floor.json" && [ "$expected" = 11000 ] \
+    && [ "$received" = 11000 ] && [ "$complete" = 2 ]; then
+    summary+=("ok    floor: 50 connections, 2 steps, $received/$expected deliveries, 0 lost, 0 duplicated, 0 out of order")
+  else
+    failed=1
+    summary+=("FAIL  floor (exit $status): $received/$expected deliveries (11000 expected), $complete/2 steps complete")
+    sed 's/^/      /' "$work/floor.txt" "$work/floor-sender.log" >&2
+  fi
+  echo "${summary[-1]}"
+  status=0
+  floor_run "$floor_dir" "$work/floor-fault" 50 - - --rates 20 --duration 0.5 --fault-skip || status=$?
+  if [ "$status" = 1 ] && grep -q '"ok":false' "$work/floor-fault.json" \
+    && [ "$(sum_field "$work/floor-fault.json" lost)" = 1 ] \
+    && grep -q '"complete_connections":49,' "$work/floor-fault.json"; then
+    summary+=("ok    floor-fault: one withheld frame reported (1 lost, 49/50 connections complete, exit 1)")
+  else
+    failed=1
+    summary+=("FAIL  floor-fault (exit $status): the withheld frame was not reported as exactly 1 lost")
+    sed 's/^/      /' "$work/floor-fault.txt" "$work/floor-fault-sender.log" >&2
+  fi
+  echo "${summary[-1]}"
+fi
 
 echo "smoke: memory broker"
 start_gateway memory
