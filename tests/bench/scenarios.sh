@@ -99,12 +99,11 @@ fi
 ordered=()
 for scenario in "${scenarios[@]}"; do
   if [ "$scenario" = floor ]; then
-    [ "$floor" = 1 ] && ordered+=(floor)
+    # Where it was named, unless hot runs: then just before hot.
+    [ "$floor" = 1 ] && [[ " ${scenarios[*]} " != *" hot "* ]] && ordered+=(floor)
     continue
   fi
-  if [ "$scenario" = hot ] && [ "$floor" = 1 ] && [[ " ${scenarios[*]} " != *" floor "* ]]; then
-    ordered+=(floor)
-  fi
+  [ "$scenario" = hot ] && [ "$floor" = 1 ] && ordered+=(floor)
   ordered+=("$scenario")
 done
 scenarios=("${ordered[@]}")
