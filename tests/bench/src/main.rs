@@ -295,6 +295,10 @@ fn secs(s: f64) -> Duration {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // reqwest's client panics without a rustls provider when it was built with
+    // the gateway's `rustls-no-provider` (cargo unifies features when both are
+    // built at once); an error only means one is installed already.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let workers = match &cli.command {
         Command::ServeBackend(_) | Command::FloorSpec(_) => 1,
         Command::Run(a) => a.common.workers,
