@@ -87,6 +87,12 @@ pub const CONNECT: u64 = 0;
 /// Generation of periodic refreshes (`permissions.refreshSeconds`).
 pub const PERIODIC: u64 = u64::MAX;
 
+/// What a forwarded request holds in memory, bytes, roughly (for budgets:
+/// the kept answers, a session's kept request).
+pub fn request_bytes(headers: &[(HeaderName, HeaderValue)]) -> usize {
+    headers.iter().map(|(name, value)| name.as_str().len() + value.len() + 64).sum()
+}
+
 /// What a bootstrap answer grants.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Bootstrap {
@@ -244,8 +250,7 @@ impl BootstrapClient {
     /// Keeps a successful answer for identical connects.
     fn keep(&self, headers: ForwardedRequest, answer: &Bootstrap) {
         if let Some(mut kept) = self.kept() {
-            let bytes = answer.allowed.iter().map(Room::approx_bytes).sum::<usize>()
-                + headers.iter().map(|(n, v)| n.as_str().len() + v.len() + 64).sum::<usize>();
+            let bytes = answer.allowed.iter().map(Room::approx_bytes).sum::<usize>() + request_bytes(&headers);
             kept.cache.insert(headers, answer.clone(), bytes, Instant::now());
             self.metrics.answers_kept.set(kept.cache.len() as i64);
         }

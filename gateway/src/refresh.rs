@@ -50,7 +50,7 @@ impl Refresh {
 
     /// What the kept request holds, bytes, roughly (per-connection budget).
     pub fn request_bytes(&self) -> usize {
-        self.request.iter().map(|(name, value)| name.as_str().len() + value.len() + 64).sum()
+        crate::backend::request_bytes(&self.request)
     }
 
     /// Whether a call is in flight.

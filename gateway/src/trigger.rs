@@ -317,6 +317,15 @@ mod tests {
         assert_eq!(refused(r#"{"control":"disconnect","users":[1],"code":"4001"}"#), InvalidControl::BadCode);
         assert!(matches!(published(r#"{"control":1}"#), Err(InvalidTrigger::NotJson(_))));
         assert_eq!(published(r#"{"control":"refresh","users":[1]}"#).map(|p| p.kind()), Ok("refresh"));
+        // Found by fuzzing (fuzz/seeds/trigger/control_huge_user_id.json): an
+        // id past u64 is a float, and must come back as the same id when
+        // republished (serde_json's float_roundtrip).
+        let body = r#"{"control":"refresh","users":[22222122222222222220]}"#;
+        let Ok(Published::Control(c)) = published(body) else { panic!("control") };
+        let Ok(Published::Control(again)) = published(std::str::from_utf8(&c.to_body()).expect("utf-8")) else {
+            panic!("round trip")
+        };
+        assert_eq!(again.users, c.users);
         // Without `control` it is a trigger, as before.
         assert!(matches!(published(r#"{"rooms":[],"data":1}"#), Ok(Published::Trigger(_))));
         assert_eq!(published(&"x".repeat(5000)).map(|p| p.kind()), Err(InvalidTrigger::TooLarge(4096)));

@@ -235,6 +235,7 @@ mod tests {
 
     #[tokio::test]
     async fn answers_bootstrap() {
+        crate::install_tls_provider();
         let backend = start("127.0.0.1:0".parse().expect("addr"), vec![json!({"user": "*"})]).await.expect("starts");
         let url = format!("http://{}/api/bootstrap/", backend.addr);
         let response = reqwest::get(&url).await.expect("answers");
@@ -246,6 +247,7 @@ mod tests {
 
     #[tokio::test]
     async fn bounded_capacity_records_the_peak_and_answers_per_credential() {
+        crate::install_tls_provider();
         let options = BackendOptions { capacity: Some(2), delay: Duration::from_millis(50), per_credential: true };
         let backend = start_with("127.0.0.1:0".parse().expect("addr"), vec![json!({"user": "*"})], options)
             .await

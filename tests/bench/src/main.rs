@@ -293,12 +293,17 @@ fn secs(s: f64) -> Duration {
     Duration::from_secs_f64(s.max(0.0))
 }
 
-fn main() -> ExitCode {
-    let cli = Cli::parse();
-    // reqwest's client panics without a rustls provider when it was built with
-    // the gateway's `rustls-no-provider` (cargo unifies features when both are
-    // built at once); an error only means one is installed already.
+/// Makes ring the process's rustls provider. Built in the workspace,
+/// reqwest has the gateway's `rustls-no-provider` feature and panics
+/// building a client (even for `http://`) without one. Idempotent.
+pub fn install_tls_provider() {
+    // An error only means a provider is installed already.
     let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+fn main() -> ExitCode {
+    install_tls_provider();
+    let cli = Cli::parse();
     let workers = match &cli.command {
         Command::ServeBackend(_) | Command::FloorSpec(_) => 1,
         Command::Run(a) => a.common.workers,

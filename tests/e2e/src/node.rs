@@ -91,6 +91,32 @@ impl Node {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// What a person debugging a pod that never became Ready looks at
+    /// first: the node's conditions (DiskPressure, MemoryPressure, …), the
+    /// free space of its disk, the pods and recent events of `namespaces`.
+    /// Never fails: a broken apiserver is itself the report.
+    pub fn report(&self, namespaces: &[&str]) -> String {
+        let run = |args: &[&str]| match self.command(self.var("HT_KUBECTL")).args(args).output() {
+            Ok(out) => format!(
+                "$ kubectl {}\n{}{}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+            Err(e) => format!("$ kubectl {}: {e}\n", args.join(" ")),
+        };
+        let conditions = "custom-columns=NODE:.metadata.name,CONDITIONS:.status.conditions[*].type,STATUS:.status.conditions[*].status,REASONS:.status.conditions[*].reason";
+        let mut report = run(&["get", "nodes", "-o", conditions]);
+        if let Ok(out) = Command::new("df").arg("-h").arg(&self.dir).output() {
+            report += &format!("$ df -h {}\n{}", self.dir.display(), String::from_utf8_lossy(&out.stdout));
+        }
+        for ns in namespaces {
+            report += &run(&["get", "pods", "-n", ns, "-o", "wide"]);
+            report += &run(&["get", "events", "-n", ns, "--sort-by=.lastTimestamp"]);
+        }
+        report
+    }
+
     /// `helm ARGS`; fails the test when helm does.
     pub fn helm(&self, args: &[&str]) -> String {
         let out = self.command(self.var("HT_HELM")).args(args).output().expect("run helm");

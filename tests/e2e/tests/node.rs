@@ -86,7 +86,12 @@ fn install_as_the_readme_says(node: &Node) -> bool {
         started.elapsed().as_secs_f64(),
         String::from_utf8_lossy(&out.stdout)
     );
-    assert!(out.status.success(), "README's install block failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "README's install block failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        node.report(&[RELEASE, "default"])
+    );
     true
 }
 
@@ -137,13 +142,22 @@ async fn pods(client: &Client, ns: &str, selector: &str) -> Vec<Pod> {
 /// (none starting, none terminating), and says READY True with `n/n`.
 async fn wait_ready_replicas(client: &Client, ns: &str, name: &str, n: usize) -> Vec<Pod> {
     let hts: Api<HighTemplar> = Api::namespaced(client.clone(), ns);
-    eventually_within(&format!("{ns}/{name}: {n} Ready pods and status {n}/{n}"), POD_WAIT, || async {
+    let deadline = Instant::now() + POD_WAIT;
+    loop {
         let all = pods(client, ns, &gateway_selector(name)).await;
-        let status = hts.get(name).await.ok()?.status?;
-        let ready = status.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True");
-        (all.len() == n && all.iter().all(is_ready) && ready && status.ready_replicas == n as i32).then_some(all)
-    })
-    .await
+        if let Some(status) = hts.get(name).await.ok().and_then(|ht| ht.status) {
+            let ready = status.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True");
+            if all.len() == n && all.iter().all(is_ready) && ready && status.ready_replicas == n as i32 {
+                return all;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for: {ns}/{name}: {n} Ready pods and status {n}/{n}\n{}",
+            Node::from_env().report(&[ns, RELEASE])
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }
 
 /// `<ClusterIP>:<port>` of Service `name`.
