@@ -25,6 +25,8 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
+use crate::reader::Reader;
+
 /// A client websocket.
 pub type Ws = WebSocketStream<TcpStream>;
 
@@ -317,7 +319,7 @@ async fn open_inner(ctx: &Ctx, url: &str, source: usize) -> Result<(Ws, Vec<Valu
 }
 
 /// One client's subscriptions and what they received.
-struct Session {
+pub struct Session {
     /// Per subscription: sequence numbers received.
     received: Vec<Vec<u32>>,
     /// Subscribe replies still awaited, per subscription.
@@ -339,11 +341,19 @@ enum Kind {
 }
 
 /// What a frame was.
-enum Event {
+pub enum Event {
     /// Nothing to do.
     Nothing,
     /// The server closed the websocket (code).
     Closed(u16),
+    /// One of the bench's publish frames, to be recorded: its phase (when
+    /// it names one) and its latency in µs.
+    Delivered {
+        /// The trigger's phase (step).
+        phase: Option<usize>,
+        /// Trigger → delivery, µs.
+        latency: u64,
+    },
 }
 
 impl Session {
@@ -402,7 +412,12 @@ impl Session {
         Ok(())
     }
 
-    /// Handles one frame.
+    /// What a stable client hands back: what this session received.
+    pub fn outcome(self) -> StableOutcome {
+        StableOutcome { received: self.received, foreign: self.foreign }
+    }
+
+    /// Handles one frame, recording a delivery at once.
     fn handle(&mut self, message: Message, ctx: &Ctx) -> Event {
         let text = match &message {
             Message::Text(text) => text.as_str(),
@@ -416,6 +431,19 @@ impl Session {
             Message::Close(frame) => return Event::Closed(frame.as_ref().map_or(1005, |f| u16::from(f.code))),
             _ => return Event::Nothing,
         };
+        let now = ctx.now_us();
+        match self.handle_text(text, now, ctx) {
+            Event::Delivered { phase, latency } => {
+                self.record(phase, latency, now, ctx);
+                Event::Nothing
+            }
+            other => other,
+        }
+    }
+
+    /// Handles the text of one frame that arrived at `now` (µs since the
+    /// run's epoch); a delivery is returned, not recorded.
+    pub fn handle_text(&mut self, text: &str, now: u64, ctx: &Ctx) -> Event {
         if text == "pong" {
             return Event::Nothing;
         }
@@ -425,8 +453,7 @@ impl Session {
         };
         let request_id = frame.request_id.as_ref().and_then(Value::as_u64).map(|id| id as usize);
         if frame.kind.as_deref() == Some("publish") {
-            self.delivery(request_id, frame.data, ctx);
-            return Event::Nothing;
+            return self.delivery(request_id, frame.data, now);
         }
         match (frame.code.as_deref(), request_id) {
             (Some(code), Some(id)) if self.pending.get(id).copied().unwrap_or(false) => {
@@ -447,28 +474,35 @@ impl Session {
         Event::Nothing
     }
 
-    /// Records one publish frame.
-    fn delivery(&mut self, request_id: Option<usize>, data: Option<Data>, ctx: &Ctx) {
+    /// Notes one publish frame's sequence number; the bench's are returned
+    /// as deliveries, others counted as foreign.
+    fn delivery(&mut self, request_id: Option<usize>, data: Option<Data>, now: u64) -> Event {
         let (Some(id), Some(Data { seq: Some(seq), ts: Some(ts), p })) = (request_id, data) else {
             self.foreign += 1;
-            return;
+            return Event::Nothing;
         };
         let Some(slot) = self.received.get_mut(id) else {
             self.foreign += 1;
-            return;
+            return Event::Nothing;
         };
         slot.push(seq as u32);
-        let now = ctx.now_us();
-        let latency = now.saturating_sub(ts).max(1);
+        Event::Delivered { phase: p, latency: now.saturating_sub(ts).max(1) }
+    }
+
+    /// Records one delivery in the statistics of this session's kind.
+    fn record(&self, p: Option<usize>, latency: u64, now: u64, ctx: &Ctx) {
         match self.kind {
             Kind::Stable => {
-                ctx.stats.received.fetch_add(1, Ordering::Relaxed);
-                let mut phases = lock(&ctx.stats.phases);
-                if let Some(phase) = p.and_then(|p| phases.get_mut(p)) {
-                    phase.latency.saturating_record(latency);
-                    phase.count += 1;
-                    phase.last_us = phase.last_us.max(now);
+                // Histogram first: the drain wait reads `received`.
+                {
+                    let mut phases = lock(&ctx.stats.phases);
+                    if let Some(phase) = p.and_then(|p| phases.get_mut(p)) {
+                        phase.latency.saturating_record(latency);
+                        phase.count += 1;
+                        phase.last_us = phase.last_us.max(now);
+                    }
                 }
+                ctx.stats.received.fetch_add(1, Ordering::Relaxed);
             }
             Kind::Churn => lock(&ctx.stats.churn_latency).saturating_record(latency),
             Kind::Slow => {}
@@ -487,16 +521,31 @@ fn short_ws_error(e: &WsError) -> String {
 
 /// A stable client: connect, wait for the go, subscribe to `frames`
 /// (request ids 0..), read until [`Stage::Stop`].
+///
+/// With `reader`, the subscribed connection is read by the reading thread
+/// (see [`crate::reader`]) instead of this task.
 pub async fn stable(
     ctx: Arc<Ctx>,
     index: usize,
     frames: Arc<Vec<String>>,
     mut stage: watch::Receiver<Stage>,
+    reader: Option<Arc<Reader>>,
 ) -> StableOutcome {
     let mut session = Session::new(frames.len(), Kind::Stable);
     let Some(mut ws) = connect_and_subscribe(&ctx, index, &frames, &mut stage, &mut session).await else {
-        return StableOutcome { received: session.received, foreign: session.foreign };
+        return session.outcome();
     };
+    if let Some(reader) = reader {
+        let outcome = match reader.add(ws, session) {
+            Ok(outcome) => outcome.await.unwrap_or_default(),
+            Err(e) => {
+                ctx.stats.error(e);
+                StableOutcome::default()
+            }
+        };
+        reach(&mut stage, Stage::Stop).await;
+        return outcome;
+    }
     let mut ping = ctx.client_ping.map(|every| tokio::time::interval_at(tokio::time::Instant::now() + every, every));
     loop {
         let ping_tick = async {
@@ -532,14 +581,14 @@ pub async fn stable(
             }
             _ = reach(&mut stage, Stage::Stop) => {
                 close(ws).await;
-                return StableOutcome { received: session.received, foreign: session.foreign };
+                return session.outcome();
             }
         }
     }
     // Ended early: wait for the end of the run so the controller can
     // still collect the results.
     reach(&mut stage, Stage::Stop).await;
-    StableOutcome { received: session.received, foreign: session.foreign }
+    session.outcome()
 }
 
 /// Opens the connection, waits for [`Stage::Subscribe`] and subscribes.

@@ -42,6 +42,9 @@ pub struct StepComparison {
     pub p99_ratio: Option<f64>,
     /// Gateway deliveries/s / the floor's.
     pub deliveries_per_second_ratio: Option<f64>,
+    /// The bench was saturated during the gateway's step: its p99 and
+    /// deliveries/s may be the bench's (see `StepReport::bench_bound`).
+    pub bench_bound: bool,
 }
 
 /// The whole comparison (`floor` in the bench's JSON).
@@ -134,6 +137,7 @@ pub fn from_value(
             let Some(f) = matched else {
                 notes.push(format!("the floor has no step at {rate}/s"));
                 return StepComparison {
+                    bench_bound: st.bench_bound,
                     rate,
                     gateway,
                     floor: None,
@@ -154,6 +158,7 @@ pub fn from_value(
                 deliveries_per_second: f["deliveries_per_second"].as_f64(),
             };
             StepComparison {
+                bench_bound: st.bench_bound,
                 rate,
                 cpu_per_delivery_ratio: ratio(gateway.cpu_us_per_delivery, floor.cpu_us_per_delivery),
                 p99_ratio: ratio(gateway.p99_ms, floor.p99_ms),
@@ -205,7 +210,7 @@ impl FloorComparison {
             let f = s.floor.clone().unwrap_or_default();
             let _ = writeln!(
                 out,
-                "  {:<10} {:>10} {:>10} {:>7}  {:>9} {:>9} {:>7}  {:>10} {:>10} {:>6}",
+                "  {:<10} {:>10} {:>10} {:>7}  {:>9} {:>9} {:>7}  {:>10} {:>10} {:>6}{}",
                 format!("{}/s", s.rate),
                 opt(s.gateway.cpu_us_per_delivery, 2),
                 opt(f.cpu_us_per_delivery, 2),
@@ -215,7 +220,8 @@ impl FloorComparison {
                 times(s.p99_ratio),
                 opt(s.gateway.deliveries_per_second, 0),
                 opt(f.deliveries_per_second, 0),
-                times(s.deliveries_per_second_ratio)
+                times(s.deliveries_per_second_ratio),
+                if s.bench_bound { "  BENCH-BOUND" } else { "" }
             );
         }
         for note in &self.notes {
@@ -259,6 +265,8 @@ mod tests {
             server_cpu_us_per_trigger: Some(cpu_us_per_delivery * 5000.0),
             server_cpu_us_per_delivery: Some(cpu_us_per_delivery),
             bench_cpu_percent: Some(50.0),
+            reader_cpu_percent: Some(40.0),
+            bench_bound: false,
         }
     }
 

@@ -15,6 +15,7 @@ mod client;
 mod floor;
 mod procstat;
 mod publish;
+mod reader;
 mod report;
 mod rooms;
 mod run;

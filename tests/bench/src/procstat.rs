@@ -53,6 +53,13 @@ pub fn cpu_seconds(pid: u32) -> Option<f64> {
     Some(ticks as f64 / clock_ticks_per_second() as f64)
 }
 
+/// CPU time (user + system) used so far by thread `tid` of this process, in seconds.
+pub fn thread_cpu_seconds(tid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).ok()?;
+    let ticks = parse_cpu_ticks(&stat)?;
+    Some(ticks as f64 / clock_ticks_per_second() as f64)
+}
+
 /// CPU time of this process, in seconds.
 pub fn self_cpu_seconds() -> Option<f64> {
     cpu_seconds(std::process::id())
@@ -68,6 +75,27 @@ fn parse_cpu_ticks(stat: &str) -> Option<u64> {
     let utime: u64 = fields.nth(11)?.parse().ok()?;
     let stime: u64 = fields.next()?.parse().ok()?;
     Some(utime + stime)
+}
+
+/// How many CPUs this process may run on (`Cpus_allowed_list` of
+/// `/proc/self/status`, e.g. `1` or `0-1,3`); 1 when it cannot be read.
+pub fn allowed_cpus() -> usize {
+    std::fs::read_to_string("/proc/self/status").ok().and_then(|status| parse_allowed_cpus(&status)).unwrap_or(1)
+}
+
+fn parse_allowed_cpus(status: &str) -> Option<usize> {
+    let list = status.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:"))?.trim();
+    let mut n = 0;
+    for range in list.split(',') {
+        n += match range.split_once('-') {
+            Some((a, b)) => b.trim().parse::<usize>().ok()?.checked_sub(a.trim().parse().ok()?)? + 1,
+            None => {
+                range.trim().parse::<usize>().ok()?;
+                1
+            }
+        };
+    }
+    (n > 0).then_some(n)
 }
 
 /// A sample of one process: RSS and CPU time, each when readable.
@@ -107,6 +135,15 @@ mod tests {
     fn parses_cpu_ticks_with_odd_command_names() {
         let stat = "123 (my (odd) name) S 1 123 123 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 4 0 1000 0 0";
         assert_eq!(parse_cpu_ticks(stat), Some(300));
+    }
+
+    #[test]
+    fn parses_allowed_cpus() {
+        assert_eq!(parse_allowed_cpus("Name: x\nCpus_allowed_list:\t1\n"), Some(1));
+        assert_eq!(parse_allowed_cpus("Cpus_allowed_list:\t0-1,3\n"), Some(3));
+        assert_eq!(parse_allowed_cpus("Cpus_allowed_list:\t0-3,8-11\n"), Some(8));
+        assert_eq!(parse_allowed_cpus("Cpus_allowed_list:\tx\n"), None);
+        assert_eq!(parse_allowed_cpus("Name: x\n"), None);
     }
 
     #[test]

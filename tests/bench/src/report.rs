@@ -128,6 +128,12 @@ pub struct StepReport {
     /// The bench's own CPU during the step, % of one core (near 100 %
     /// per bench core means the bench, not the server, was the limit).
     pub bench_cpu_percent: Option<f64>,
+    /// The thread reading every stable connection, % of one core.
+    pub reader_cpu_percent: Option<f64>,
+    /// The bench was saturated during the step (its reader, or the whole
+    /// bench over its cores, at 90 % or more): its latency and rate figures
+    /// may be the bench's, not the server's.
+    pub bench_bound: bool,
 }
 
 /// Delivery counters.
@@ -542,7 +548,7 @@ impl Report {
             if !run.steps.is_empty() {
                 let _ = writeln!(
                     out,
-                    "  {:<18} {:>9} {:>9} {:>11} {:>10} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>6} {:>5} {:>5}",
+                    "  {:<18} {:>9} {:>9} {:>11} {:>10} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>7} {:>6} {:>5} {:>5}",
                     "step",
                     "trig/s",
                     "triggers",
@@ -554,6 +560,7 @@ impl Report {
                     "max ms",
                     "cpu us/tr",
                     "srv cpu%",
+                    "bench%",
                     "lost",
                     "dup",
                     "unexp"
@@ -561,7 +568,7 @@ impl Report {
                 for st in &run.steps {
                     let _ = writeln!(
                         out,
-                        "  {:<18} {:>9} {:>9} {:>11} {:>10} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>6} {:>5} {:>5}{}",
+                        "  {:<18} {:>9} {:>9} {:>11} {:>10} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>7} {:>6} {:>5} {:>5}{}{}",
                         st.name,
                         opt(st.trigger_rate, 0),
                         st.triggers,
@@ -573,10 +580,12 @@ impl Report {
                         opt(st.latency_ms.max, 2),
                         opt(st.server_cpu_us_per_trigger, 1),
                         opt(st.server_cpu_percent, 0),
+                        opt(st.bench_cpu_percent, 0),
                         st.lost,
                         st.duplicated,
                         st.unexpected,
-                        if st.drained { "" } else { "  (not drained)" }
+                        if st.drained { "" } else { "  (not drained)" },
+                        if st.bench_bound { "  BENCH-BOUND" } else { "" }
                     );
                 }
             }

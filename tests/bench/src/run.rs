@@ -18,6 +18,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use crate::client::{self, ChurnOutcome, Ctx, SlowOutcome, StableOutcome, Stage, Stats, lock};
 use crate::procstat::{self, delta};
 use crate::publish::{Publisher, trigger_body};
+use crate::reader::Reader;
 use crate::report::{
     ChurnReport, Counts, Deliveries, Latency, PhaseTiming, RunReport, ServerReport, SlowReport, StepReport,
 };
@@ -274,6 +275,14 @@ pub async fn run(spec: &RunSpec, options: &Options, publisher: Option<&Publisher
         client_ping: options.client_ping,
     });
 
+    // Subscribed stable clients are read by one thread on epoll (the bench
+    // must not be what a hot room measures); clients that ping keep their
+    // own tasks.
+    let reader = match options.client_ping {
+        None => Some(Reader::start(ctx.clone()).map_err(|e| format!("reader thread: {e}"))?),
+        Some(_) => None,
+    };
+
     let before = procstat::sample(options.server_pid);
     let rss_max = Arc::new(AtomicU64::new(before.rss_kib.unwrap_or(0)));
     let sampler_stop = Arc::new(AtomicBool::new(false));
@@ -289,7 +298,7 @@ pub async fn run(spec: &RunSpec, options: &Options, publisher: Option<&Publisher
     for (conn, frames) in frames.iter().enumerate() {
         let (ctx, frames, stage) = (ctx.clone(), frames.clone(), stage_rx.clone());
         if conn < spec.connections {
-            stable_handles.push(tokio::spawn(client::stable(ctx, conn, frames, stage)));
+            stable_handles.push(tokio::spawn(client::stable(ctx, conn, frames, stage, reader.clone())));
         } else {
             slow_handles.push(tokio::spawn(client::slow(ctx, conn, frames, stage, Duration::from_secs(2))));
         }
@@ -354,7 +363,9 @@ pub async fn run(spec: &RunSpec, options: &Options, publisher: Option<&Publisher
     let mut step_reports = Vec::with_capacity(spec.steps.len());
     for (phase, step) in spec.steps.iter().enumerate() {
         let publisher = publisher.ok_or_else(|| "a run with triggers needs a publisher".to_string())?;
-        let report = run_step(phase, step, spec, options, &ctx, publisher, &mut index, &mut ledger, &mut rng).await;
+        let report =
+            run_step(phase, step, spec, options, &ctx, reader.as_deref(), publisher, &mut index, &mut ledger, &mut rng)
+                .await;
         step_reports.push(report);
     }
     churn_stop.store(true, Ordering::Relaxed);
@@ -372,6 +383,9 @@ pub async fn run(spec: &RunSpec, options: &Options, publisher: Option<&Publisher
     // Stop and collect.
     progress(options, format!("{}: stopping", spec.name));
     let _ = stage_tx.send(Stage::Stop);
+    if let Some(reader) = &reader {
+        reader.stop();
+    }
     let mut outcomes = Vec::with_capacity(stable_handles.len());
     for handle in stable_handles {
         outcomes.push(handle.await.unwrap_or_default());
@@ -559,6 +573,7 @@ async fn run_step(
     spec: &RunSpec,
     options: &Options,
     ctx: &Ctx,
+    reader: Option<&Reader>,
     publisher: &Publisher,
     index: &mut SubscriptionIndex,
     ledger: &mut Ledger,
@@ -577,6 +592,7 @@ async fn run_step(
     );
     let server0 = procstat::sample(options.server_pid).cpu_seconds;
     let bench0 = procstat::self_cpu_seconds();
+    let reader0 = reader.and_then(Reader::cpu_seconds);
     let start = tokio::time::Instant::now();
     let start_us = ctx.now_us();
     let end = start + step.duration;
@@ -646,7 +662,10 @@ async fn run_step(
     let drain_seconds = drain_start.elapsed().as_secs_f64();
     let server1 = procstat::sample(options.server_pid).cpu_seconds;
     let bench1 = procstat::self_cpu_seconds();
+    let reader1 = reader.and_then(Reader::cpu_seconds);
     let wall = start.elapsed().as_secs_f64();
+    let bench_cpu_percent = delta(bench0, bench1).map(|c| 100.0 * c / wall);
+    let reader_cpu_percent = delta(reader0, reader1).map(|c| 100.0 * c / wall);
 
     let (latency, received, last_us) = {
         let phases = lock(&ctx.stats.phases);
@@ -677,8 +696,21 @@ async fn run_step(
         server_cpu_percent: server_cpu.map(|c| 100.0 * c / wall),
         server_cpu_us_per_trigger: server_cpu.filter(|_| ok > 0).map(|c| c * 1e6 / ok as f64),
         server_cpu_us_per_delivery: server_cpu.filter(|_| expected > 0).map(|c| c * 1e6 / expected as f64),
-        bench_cpu_percent: delta(bench0, bench1).map(|c| 100.0 * c / wall),
+        bench_cpu_percent,
+        reader_cpu_percent,
+        bench_bound: bench_bound(bench_cpu_percent, reader_cpu_percent, procstat::allowed_cpus()),
     }
+}
+
+/// Share of a core (%) from which the bench counts as saturated.
+pub const SATURATED_PERCENT: f64 = 90.0;
+
+/// Whether a step's figures may be the bench's rather than the server's:
+/// the reading thread, or the whole bench over the `cpus` it may run on, at
+/// [`SATURATED_PERCENT`] or more.
+fn bench_bound(bench_percent: Option<f64>, reader_percent: Option<f64>, cpus: usize) -> bool {
+    reader_percent.is_some_and(|p| p >= SATURATED_PERCENT)
+        || bench_percent.is_some_and(|p| p >= SATURATED_PERCENT * cpus.max(1) as f64)
 }
 
 /// Starts churn clients at `spec.rate` per second until `stop`; returns
