@@ -275,13 +275,15 @@ static int read_conn(long i) {
 
 static void usage(void) {
   fputs("usage: floor_reader --port P [--host 127.0.0.1] [--connections N] [--source-addrs K]\n"
-        "                    [--connect-timeout S] [--idle-timeout S] [--max-frame BYTES]\n"
+        "                    [--connect-timeout S] [--idle-timeout S] [--max-frame BYTES] [--pace-us US]\n"
         "  --connections N      connections to open (default 5000; the sender's --connections)\n"
         "  --source-addrs K     bind connection i to 127.0.0.(2 + i mod K) (default 0: the kernel's\n"
         "                       choice; more than ~28 000 connections need K > 1)\n"
         "  --connect-timeout S  seconds to wait for the sender to listen (default 10)\n"
         "  --idle-timeout S     give up after this long without a byte (default 60)\n"
-        "  --max-frame BYTES    largest websocket frame accepted (default 4096)\n",
+        "  --max-frame BYTES    largest websocket frame accepted (default 4096)\n"
+        "  --pace-us US         look at the sockets at most every US microseconds (default 500,\n"
+        "                       as the bench's reader; 0: at every wake-up)\n",
         stderr);
 }
 
@@ -371,7 +373,7 @@ static void print_json(long source_addrs, uint64_t started_unix) {
 int main(int argc, char **argv) {
   floor_prog = "floor_reader";
   const char *host = "127.0.0.1";
-  long port = -1, source_addrs = 0;
+  long port = -1, source_addrs = 0, pace_us = 500;
   nconns = 5000;
   double connect_timeout = 10, idle_timeout = 60;
   for (int i = 1; i < argc; i++) {
@@ -383,6 +385,7 @@ int main(int argc, char **argv) {
     else if (!strcmp(a, "--connect-timeout"))
       connect_timeout = parse_double(a, flag_value(argc, argv, &i), 0.1, 86400);
     else if (!strcmp(a, "--idle-timeout")) idle_timeout = parse_double(a, flag_value(argc, argv, &i), 0.1, 86400);
+    else if (!strcmp(a, "--pace-us")) pace_us = parse_long(a, flag_value(argc, argv, &i), 0, 1000000);
     else if (!strcmp(a, "--max-frame"))
       max_frame = (size_t)parse_long(a, flag_value(argc, argv, &i), 16, FLOOR_MAX_PAYLOAD + 4);
     else if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
@@ -452,12 +455,22 @@ int main(int argc, char **argv) {
       if (errno == EINTR) continue;
       die_errno("epoll_wait");
     }
+    uint64_t woke = mono_ns();
     int got = 0;
     for (int k = 0; k < n && !done; k++) got |= read_conn((long)evs[k].data.u64);
     uint64_t now = mono_ns();
     if (got) last_byte = now;
     else if (now - last_byte > (uint64_t)(idle_timeout * 1e9))
       die("nothing read for %.1f s (%d steps complete)", idle_timeout, nsteps);
+    /* Paced like the bench's reader (tests/bench/src/reader.rs): a reader
+     * blocked in epoll_wait makes every write of the sender pay a
+     * cross-core wake-up (on loopback the receive path runs in the
+     * sender's system call), which a remote client never costs it. */
+    if (n < 1024 && now - woke < (uint64_t)pace_us * 1000) {
+      uint64_t left = (uint64_t)pace_us * 1000 - (now - woke);
+      struct timespec pause = {(time_t)(left / 1000000000u), (long)(left % 1000000000u)};
+      nanosleep(&pause, NULL);
+    }
   }
   for (long i = 0; i < nconns; i++)
     if (close(conns[i].fd) != 0) die_errno("close connection %ld", i);

@@ -15,7 +15,15 @@
 //!   wait reads that count, so the histograms are complete when it
 //!   matches);
 //! * nothing allocated per frame (sequence numbers go to per-subscription
-//!   vectors, which grow by doubling).
+//!   vectors, which grow by doubling);
+//! * paced: after a wake-up that did not fill the event list, the thread
+//!   sleeps out the rest of [`PACE`] before it waits again. A reader
+//!   blocked in `epoll_wait` makes every write of the server pay a
+//!   cross-core wake-up (on loopback the receive path runs inside the
+//!   sender's system call), which a remote client never costs it: at 10
+//!   triggers/s over 5 000 connections that doubled the server's CPU per
+//!   delivery and took 41 % of the bench's core. Latencies read late by at
+//!   most [`PACE`]; the floor probe's reader is paced the same way.
 //!
 //! Connections join with [`Reader::add`] (the tokio-tungstenite socket's fd
 //! is duplicated, so the handshake and subscribe exchange stay on the
@@ -41,6 +49,11 @@ const WAKER: Token = Token(usize::MAX);
 const READ_BUFFER: usize = 1 << 20;
 /// How long [`Reader::stop`] waits for the server's close frames.
 const CLOSE_WAIT: Duration = Duration::from_secs(1);
+/// The reader looks at its sockets at most this often (see the module
+/// comment; the floor probe's `floor_reader --pace-us` default is the same).
+pub const PACE: Duration = Duration::from_micros(500);
+/// Readiness events taken per wake-up.
+const EVENTS: usize = 1024;
 /// A masked close frame with code 1000 (mask key 0: the payload is sent as is).
 const CLOSE_FRAME: [u8; 8] = [0x88, 0x82, 0, 0, 0, 0, 0x03, 0xe8];
 
@@ -160,7 +173,7 @@ impl Batch {
 /// The thread's loop: until [`Command::Stop`] and every connection closed
 /// (or [`CLOSE_WAIT`]), or the handle is gone.
 fn run(mut poll: Poll, commands: mpsc::Receiver<Command>, ctx: &Ctx) -> io::Result<()> {
-    let mut events = Events::with_capacity(1024);
+    let mut events = Events::with_capacity(EVENTS);
     let mut conns: Vec<Option<Conn>> = Vec::new();
     let mut free: VecDeque<usize> = VecDeque::new();
     let mut open = 0usize;
@@ -174,7 +187,10 @@ fn run(mut poll: Poll, commands: mpsc::Receiver<Command>, ctx: &Ctx) -> io::Resu
                 return Err(e);
             }
         }
+        let woke = Instant::now();
+        let mut taken = 0;
         for event in events.iter() {
+            taken += 1;
             if event.token() == WAKER {
                 loop {
                     match commands.try_recv() {
@@ -219,6 +235,10 @@ fn run(mut poll: Poll, commands: mpsc::Receiver<Command>, ctx: &Ctx) -> io::Resu
                     finish(&mut conns, slot, &poll, &mut free, &mut open, None, ctx);
                 }
                 return Ok(());
+            }
+        } else if taken < EVENTS {
+            if let Some(rest) = PACE.checked_sub(woke.elapsed()) {
+                std::thread::sleep(rest);
             }
         }
     }

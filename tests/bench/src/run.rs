@@ -223,8 +223,14 @@ fn spawn_rss_sampler(pid: Option<u32>, max: Arc<AtomicU64>, stop: Arc<AtomicBool
 
 /// What the publisher side knows about the triggers it sent.
 struct Ledger {
-    /// Per stable subscription: the sequence numbers it must receive.
-    expected: Vec<Vec<u32>>,
+    /// Per trigger accepted, in order: its sequence number and the stable
+    /// subscriptions it must reach. Triggers that reach the same set share
+    /// it, so a hot room's step records one entry per trigger, not one per
+    /// delivery; the per-subscription lists are built after the run
+    /// ([`Ledger::expected_by_subscription`]), outside every measurement.
+    triggers: Vec<(u32, Arc<[u32]>)>,
+    /// Stable subscriptions, all connections.
+    subscriptions: usize,
     /// Per sequence number: the step it belongs to.
     phase_of_seq: Vec<u32>,
     /// Deliveries expected, all steps.
@@ -233,6 +239,27 @@ struct Ledger {
     expected_per_phase: Vec<u64>,
     /// Next sequence number.
     next_seq: u64,
+}
+
+impl Ledger {
+    /// Records trigger `seq` as accepted, reaching `matched`.
+    fn accepted(&mut self, seq: u64, matched: &[u32], phase: usize) {
+        let reuse = self.triggers.last().filter(|(_, last)| **last == *matched).map(|(_, last)| last.clone());
+        self.triggers.push((seq as u32, reuse.unwrap_or_else(|| matched.into())));
+        self.expected_total += matched.len() as u64;
+        self.expected_per_phase[phase] += matched.len() as u64;
+    }
+
+    /// Per stable subscription: the sequence numbers it must receive.
+    fn expected_by_subscription(&self) -> Vec<Vec<u32>> {
+        let mut expected = vec![Vec::new(); self.subscriptions];
+        for (seq, matched) in &self.triggers {
+            for &sub in matched.iter() {
+                expected[sub as usize].push(*seq);
+            }
+        }
+        expected
+    }
 }
 
 /// Runs `spec`; `publisher` is needed when it has steps.
@@ -354,7 +381,8 @@ pub async fn run(spec: &RunSpec, options: &Options, publisher: Option<&Publisher
 
     // Steps.
     let mut ledger = Ledger {
-        expected: vec![Vec::new(); subscriptions.len()],
+        triggers: Vec::new(),
+        subscriptions: subscriptions.len(),
         phase_of_seq: Vec::new(),
         expected_total: 0,
         expected_per_phase: vec![0; spec.steps.len()],
@@ -404,10 +432,11 @@ pub async fn run(spec: &RunSpec, options: &Options, publisher: Option<&Publisher
     let phases = spec.steps.len();
     let mut per_phase = vec![Deliveries::default(); phases];
     let mut totals = Deliveries::default();
+    let mut expected = ledger.expected_by_subscription();
     for (conn, outcome) in outcomes.iter_mut().enumerate() {
         totals.foreign += outcome.foreign;
         for (local, received) in outcome.received.iter_mut().enumerate() {
-            let expected = &mut ledger.expected[conn * per_conn + local];
+            let expected = &mut expected[conn * per_conn + local];
             check(expected, received, &ledger.phase_of_seq, &mut per_phase, &mut totals);
         }
     }
@@ -605,11 +634,7 @@ async fn run_step(
         Ok(()) => {
             ok += 1;
             index.matches(&rooms, &mut matched);
-            for &sub in &matched {
-                ledger.expected[sub as usize].push(seq as u32);
-            }
-            ledger.expected_total += matched.len() as u64;
-            ledger.expected_per_phase[phase] += matched.len() as u64;
+            ledger.accepted(seq, &matched, phase);
         }
         Err(e) => {
             failed += 1;
@@ -751,6 +776,27 @@ async fn churn_driver(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ledger_shares_a_repeated_match_set_and_expands_it_after_the_run() {
+        let mut ledger = Ledger {
+            triggers: Vec::new(),
+            subscriptions: 4,
+            phase_of_seq: Vec::new(),
+            expected_total: 0,
+            expected_per_phase: vec![0; 2],
+            next_seq: 0,
+        };
+        ledger.accepted(0, &[0, 2, 3], 0);
+        ledger.accepted(1, &[0, 2, 3], 0);
+        ledger.accepted(2, &[1], 1);
+        ledger.accepted(3, &[0, 2, 3], 1);
+        assert!(Arc::ptr_eq(&ledger.triggers[0].1, &ledger.triggers[1].1), "the same set is kept once");
+        assert!(!Arc::ptr_eq(&ledger.triggers[0].1, &ledger.triggers[3].1), "only the last set is compared");
+        assert_eq!(ledger.expected_total, 10);
+        assert_eq!(ledger.expected_per_phase, vec![6, 4]);
+        assert_eq!(ledger.expected_by_subscription(), vec![vec![0, 1, 3], vec![2], vec![0, 1, 3], vec![0, 1, 3]]);
+    }
 
     #[test]
     fn check_counts_lost_duplicated_unexpected() {
