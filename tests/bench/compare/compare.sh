@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Side-by-side benchmark: this project's Rust gateway against the original
 # Python high-templar 3.1.0 (PyPI), same bench scenarios, same RabbitMQ,
-# same bundled backend, same pinning. See tests/bench/compare/README.md.
+# same bundled backend, same pinning; and, for idle and hot, against
+# Centrifugo v6.9.1 (Go module proxy, memory engine, GOMAXPROCS=1), its own
+# protocol and HTTP API. See tests/bench/compare/README.md.
 #
 #   tests/bench/compare/compare.sh [options] [scenario…] [-- extra bench flags]
 #
@@ -16,6 +18,10 @@
 #                   3.1.0 declares it, so both servers accept it)
 # --python-timeout S  cap of each Python bench run, seconds (default 300)
 # --rust-timeout S  cap of each Rust bench run, seconds (default 300)
+# --centrifugo-timeout S  cap of each Centrifugo bench run, seconds (default 300)
+# --no-centrifugo   skip the Centrifugo peer (otherwise run for idle and hot;
+#                   built once into ${HT_CACHE:-$HOME/.cache/high-templar}/
+#                   centrifugo-v6.9.1/, see centrifugo.sh)
 # --python-stock    run the unpatched 3.1.0 (the bench then cannot subscribe:
 #                   3.1.0's subscribe replies carry no requestId); default:
 #                   a one-function patch echoing requestId (ht_python_app.py)
@@ -49,6 +55,11 @@ amqp_url="${HTB_AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}"
 exchange=hightemplar-compare
 python_timeout=300
 rust_timeout=300
+centrifugo_timeout=300
+with_centrifugo=1
+# The scenarios the Centrifugo peer runs (its protocol has no wildcard
+# rooms, and the issue asks for these two).
+centrifugo_scenarios=" idle hot "
 echo_request_id=1
 probe=1
 sweep=50,100,200,400
@@ -66,6 +77,8 @@ while [ $# -gt 0 ]; do
     --exchange) exchange=$2; shift 2 ;;
     --python-timeout) python_timeout=$2; shift 2 ;;
     --rust-timeout) rust_timeout=$2; shift 2 ;;
+    --centrifugo-timeout) centrifugo_timeout=$2; shift 2 ;;
+    --no-centrifugo) with_centrifugo=0; shift ;;
     --python-stock) echo_request_id=0; shift ;;
     --no-probe) probe=0; shift ;;
     --sweep) sweep=$2; shift 2 ;;
@@ -119,6 +132,20 @@ gateway=$PWD/target/release/high-templar-gateway
 bench=$PWD/target/release/high-templar-bench
 if [ ! -x "$gateway" ] || [ ! -x "$bench" ]; then
   die "missing $gateway or $bench (run without --no-build)"
+fi
+
+# ---------------------------------------------------------------- Centrifugo
+# shellcheck source=tests/bench/compare/centrifugo.sh
+. "$here/centrifugo.sh"
+centrifugo=""
+centrifugo_key="bench-centrifugo-api-key"
+if [ "$with_centrifugo" = 1 ]; then
+  for scenario in "${scenarios[@]}"; do
+    [[ "$centrifugo_scenarios" == *" $scenario "* ]] || continue
+    centrifugo=$(centrifugo_build) || die "could not build Centrifugo $HTC_CENTRIFUGO_VERSION (or pass --no-centrifugo)"
+    "$centrifugo" version >"$results/logs/centrifugo-version.txt" 2>&1 || true
+    break
+  done
 fi
 
 # ---------------------------------------------------------------- RabbitMQ
@@ -185,7 +212,14 @@ launch_server() {
   local impl=$1 backend=$2 logf=$3 echo=$4
   ensure_rabbitmq
   server_port=$(free_port)
-  if [ "$impl" = rust ]; then
+  if [ "$impl" = centrifugo ]; then
+    # One OS thread running Go code, like the gateway's one core: without
+    # GOMAXPROCS Go sizes its scheduler by the machine's CPUs, not by the
+    # affinity mask taskset sets.
+    centrifugo_config "$results/logs/centrifugo-$server_port.json" "$server_port" "$centrifugo_key"
+    GOMAXPROCS=1 "${server_cpu[@]}" "$centrifugo" --config "$results/logs/centrifugo-$server_port.json" \
+      >"$logf" 2>&1 &
+  elif [ "$impl" = rust ]; then
     HT_LOG=warn HT_AMQP_URL="$amqp_url" "${server_cpu[@]}" "$gateway" serve --config "$results/gateway.yaml" \
       --listen "127.0.0.1:$server_port" --backend-url "http://127.0.0.1:$backend/" \
       --broker amqp --exchange "$exchange" --exchange-durable false >"$logf" 2>&1 &
@@ -213,6 +247,14 @@ launch_server() {
 start_server() {
   local impl=$1 logf=$3
   launch_server "$impl" "$2" "$logf" "$echo_request_id" || return 1
+  if [ "$impl" = centrifugo ]; then
+    # No broker to wait for: the HTTP API publishes in-process.
+    for _ in $(seq 1 200); do
+      http_ok "$server_port" /health && return 0
+      sleep 0.05
+    done
+    return 1
+  fi
   if [ "$impl" = rust ]; then
     local up=0
     for _ in $(seq 1 200); do
@@ -255,6 +297,7 @@ bench_side() {
   local base="$results/runs/$impl-$name" logf="$results/logs/$impl-$name.log"
   local cap=$rust_timeout
   [ "$impl" = python ] && cap=$python_timeout
+  [ "$impl" = centrifugo ] && cap=$centrifugo_timeout
   : >"$base.json"
   if ! start_server "$impl" "$backend" "$logf"; then
     log "$impl $name: server did not become ready (see $logf)"
@@ -265,9 +308,13 @@ bench_side() {
   fi
   local rc=0 start end
   start=$(date +%s.%N)
+  local peer=(--url "ws://127.0.0.1:$server_port/ws/" --publish amqp --amqp-url "$amqp_url" --exchange "$exchange")
+  if [ "$impl" = centrifugo ]; then
+    peer=(--url "ws://127.0.0.1:$server_port/connection/websocket" --protocol centrifugo --publish centrifugo
+      --trigger-token "$centrifugo_key")
+  fi
   HTB_AMQP_URL="$amqp_url" waited timeout -k 10 "$cap" "${bench_cpu[@]}" "$bench" "$@" \
-    --url "ws://127.0.0.1:$server_port/ws/" --server-pid "$server_pid" --publish amqp \
-    --amqp-url "$amqp_url" --exchange "$exchange" --json "${extra[@]}" >"$base.json" 2>"$base.txt" || rc=$?
+    "${peer[@]}" --server-pid "$server_pid" --json "${extra[@]}" >"$base.json" 2>"$base.txt" || rc=$?
   end=$(date +%s.%N)
   local alive=true timed_out=false reason=""
   kill -0 "$server_pid" 2>/dev/null || alive=false
@@ -294,7 +341,8 @@ status=0
 cat >"$results/meta.json" <<EOF
 {"scale": "$scale", "scenarios": "${scenarios[*]}", "exchange": "$exchange", "amqp_url": "$amqp_url",
  "python_patch_request_id": $([ "$echo_request_id" = 1 ] && echo true || echo false),
- "python_timeout": $python_timeout, "rust_timeout": $rust_timeout,
+ "python_timeout": $python_timeout, "rust_timeout": $rust_timeout, "centrifugo_timeout": $centrifugo_timeout,
+ "centrifugo": "$([ -n "$centrifugo" ] && echo "$HTC_CENTRIFUGO_VERSION" || echo none)", "centrifugo_scenarios": "$centrifugo_scenarios",
  "sweep": "$sweep", "sweep_rate": "$sweep_rate", "sweep_duration": "$sweep_duration", "sweep_burst": "$sweep_burst",
  "extra_bench_args": "${extra[*]}", "started": "$(date -u +%Y-%m-%dT%H:%M:%SZ)",
  "host": "$(uname -n)", "cpus": $(nproc), "git": "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo -dirty)",
@@ -319,7 +367,9 @@ if [ "$probe" = 1 ]; then
 fi
 
 for scenario in "${scenarios[@]}"; do
-  for impl in rust python; do
+  impls=(rust python)
+  [ -n "$centrifugo" ] && [[ "$centrifugo_scenarios" == *" $scenario "* ]] && impls+=(centrifugo)
+  for impl in "${impls[@]}"; do
     log "$scenario: $impl (scale $scale)"
     bench_side "$impl" "$scenario" "$backend_port" -- scenario "$scenario" --scale "$scale" || true
   done

@@ -3,9 +3,9 @@ directory (runs in the compare venv: matplotlib is installed there).
 
   report.py RESULTS_DIR
 
-Reads meta.json, runs/<impl>-<name>.{json,txt,status.json} (impl: rust or
-python; name: a scenario or sweep-<N>) and protocol-<impl>.json; prints
-compare.md on stdout.
+Reads meta.json, runs/<impl>-<name>.{json,txt,status.json} (impl: rust,
+python or centrifugo; name: a scenario or sweep-<N>) and
+protocol-<impl>.json; prints compare.md on stdout.
 """
 
 import json
@@ -14,6 +14,7 @@ import sys
 
 HIGHER, LOWER = "higher", "lower"
 PY = "Python 3.1.0"
+CF = "Centrifugo"
 
 
 def load_json(path):
@@ -148,8 +149,9 @@ def g(d, *path):
     return d
 
 
-def detail_rows(rust, python):
-    """(metric, better, rust value, python value, note) for every run and step."""
+def detail_rows(rust, python, other="Python"):
+    """(metric, better, rust value, other value, note) for every run and step
+    (other: Python, or Centrifugo)."""
     rows = []
     rr, pr = run_by_name(rust), run_by_name(python)
     names = list(rr) + [n for n in pr if n not in rr]
@@ -176,7 +178,7 @@ def detail_rows(rust, python):
         for step in list(sa) + [s for s in sb if s not in sa]:
             x, y = sa.get(step), sb.get(step)
             note = []
-            for label, st in (("Rust", x), ("Python", y)):
+            for label, st in (("Rust", x), (other, y)):
                 if st and (st.get("lost") or st.get("duplicated") or st.get("unexpected") or not st.get("drained", True)):
                     note.append("{}: lost {}, dup {}, unexp {}{}".format(
                         label, st.get("lost"), st.get("duplicated"), st.get("unexpected"),
@@ -241,12 +243,12 @@ def ratio_cells(better, r, p):
     return ratio, adv
 
 
-def adv_text(adv):
+def adv_text(adv, other="Python"):
     if adv is None:
         return "–"
     if adv >= 1:
         return "×{} Rust".format(fmt(adv))
-    return "×{} Python".format(fmt(1 / adv))
+    return "×{} {}".format(fmt(1 / adv), other)
 
 
 def python_reasons(scenario, python):
@@ -448,6 +450,68 @@ def plot(points, path, meta):
     plt.close(fig)
 
 
+# ---------------------------------------------------------------- Centrifugo
+
+
+def centrifugo_section(results, meta, scenarios, details, md, out):
+    """The Rust gateway beside Centrifugo, for the scenarios it ran."""
+    cf_version = meta.get("centrifugo", "none")
+    ran = [s for s in scenarios if Side(results, "centrifugo", s).ran]
+    out["centrifugo"] = {"version": cf_version, "scenarios": {}}
+    if not ran:
+        return
+    label = "{} {}".format(CF, cf_version)
+    md.append("")
+    md.append("## Rust gateway vs {}".format(label))
+    md.append("")
+    md.append("Centrifugo built from the Go module proxy (`go install github.com/centrifugal/centrifugo/v6@{}`), "
+              "memory engine, `GOMAXPROCS=1`, pinned to core 0 like the gateway; the bench on core 1 speaks "
+              "Centrifugo's JSON protocol (`--protocol centrifugo`: one channel per room, `key=value`) and "
+              "publishes through its HTTP API (`--publish centrifugo`: `POST /api/publish`), while the Rust "
+              "gateway above gets its triggers over RabbitMQ. Same rooms, same data, same checks (lost, "
+              "duplicated, unexpected). \"Rust better by\" as above, against Centrifugo.".format(cf_version))
+    md.append("")
+    md.append("| scenario | metric | Rust | {} | Rust ÷ {} | Rust better by |".format(label, CF))
+    md.append("|---|---|---:|---:|---:|---|")
+    for scenario in ran:
+        rust = details[scenario][0]
+        cf = Side(results, "centrifugo", scenario)
+        entry = {"centrifugo": cf.summary(), "headline": [], "metrics": []}
+        ha, hc = headline(rust), headline(cf)
+        for metric in [m for m in HEADLINE_BETTER if m in ha or m in hc]:
+            better = HEADLINE_BETTER[metric]
+            r, c = ha.get(metric), hc.get(metric)
+            ratio, adv = ratio_cells(better, r, c)
+            entry["headline"].append({"metric": metric, "better": better, "rust": r, "centrifugo": c,
+                                      "rust_over_centrifugo": ratio, "rust_better_by": adv})
+            md.append("| {} | {} | {} | {} | {} | {} |".format(scenario, metric, fmt(r), fmt(c), fmt(ratio),
+                                                                adv_text(adv, CF)))
+        for metric, better, r, c, note in detail_rows(rust, cf, CF):
+            ratio, adv = ratio_cells(better, r, c)
+            entry["metrics"].append({"metric": metric, "better": better, "rust": r, "centrifugo": c,
+                                     "rust_over_centrifugo": ratio, "rust_better_by": adv, "note": note})
+        out["centrifugo"]["scenarios"][scenario] = entry
+    md.append("")
+    for scenario in ran:
+        cf = Side(results, "centrifugo", scenario)
+        st = cf.status
+        state = cf.failure() or ("correct" if cf.ok else "INCORRECT: " + "; ".join(cf.problems()[:3]))
+        md.append("* {}, {}: {} ({} s{})".format(scenario, CF, esc(state), st.get("seconds", "?"),
+                                                ", exit {}".format(st.get("rc")) if st.get("rc") not in (0, None) else ""))
+    for scenario in ran:
+        rust = details[scenario][0]
+        cf = Side(results, "centrifugo", scenario)
+        md.append("")
+        md.append("### {}: Rust vs {}".format(scenario, CF))
+        md.append("")
+        md.append("| metric | Rust | {} | Rust ÷ {} | Rust better by | note |".format(label, CF))
+        md.append("|---|---:|---:|---:|---|---|")
+        for metric, better, r, c, note in detail_rows(rust, cf, CF):
+            ratio, adv = ratio_cells(better, r, c)
+            md.append("| {} | {} | {} | {} | {} | {} |".format(esc(metric), fmt(r), fmt(c), fmt(ratio),
+                                                              adv_text(adv, CF), esc(note)))
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -559,6 +623,9 @@ def main():
             ratio, adv = ratio_cells(better, r, p)
             md.append("| {} | {} | {} | {} | {} | {} |".format(esc(metric), fmt(r), fmt(p), fmt(ratio),
                                                               adv_text(adv), esc(note)))
+
+    # Centrifugo
+    centrifugo_section(results, meta, scenarios, details, md, out)
 
     # Sweep
     points = sweep_points(results, meta)

@@ -317,6 +317,8 @@ pub async fn run(spec: &StormSpec, options: StormOptions, backend: &BackendStats
         // All at once: that is the storm.
         connect_permits: Arc::new(Semaphore::new(spec.clients.max(1))),
         client_ping: None,
+        // The storm exercises the 3.x gateway's admission control.
+        protocol: client::Protocol::HighTemplar,
     });
     let shared = Arc::new(Shared::default());
     let before = procstat::sample(options.server_pid);

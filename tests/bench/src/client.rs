@@ -1,4 +1,6 @@
-//! Websocket clients speaking the high-templar 3.x client protocol.
+//! Websocket clients speaking the high-templar 3.x client protocol, or
+//! Centrifugo's JSON protocol for the comparison's Centrifugo peer
+//! ([`crate::centrifugo`]).
 //!
 //! Three kinds:
 //! * **stable** clients connect, wait for the controller's go, subscribe
@@ -25,10 +27,60 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
+use crate::centrifugo::{self, Reply};
 use crate::reader::Reader;
 
 /// A client websocket.
 pub type Ws = WebSocketStream<TcpStream>;
+
+/// The client protocol of a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Protocol {
+    /// high-templar 3.x: authorisation frame, `subscribe` frames with a
+    /// `requestId`, `publish` frames naming it.
+    #[default]
+    HighTemplar,
+    /// Centrifugo's JSON protocol: connect command, one channel per room,
+    /// publications pushed by channel, application-level ping/pong.
+    Centrifugo,
+}
+
+/// One connection's subscriptions, in the run's protocol.
+#[derive(Debug, Clone)]
+pub struct Subscriptions {
+    /// The protocol the frames are in.
+    pub protocol: Protocol,
+    /// The subscribe frames, in order: local index `i` is `requestId` `i`
+    /// (3.x) or command id `i + 2` (Centrifugo).
+    pub frames: Vec<String>,
+    /// Centrifugo only: the channel of each subscription (a publication
+    /// names its channel, not a request id); empty for 3.x.
+    pub channels: Vec<String>,
+}
+
+impl Subscriptions {
+    /// The subscriptions to `rooms` (room JSON objects) in `protocol`;
+    /// `Err` for a room Centrifugo cannot have (a wildcard).
+    pub fn new(protocol: Protocol, rooms: &[Value]) -> Result<Subscriptions, String> {
+        match protocol {
+            Protocol::HighTemplar => Ok(Subscriptions {
+                protocol,
+                frames: rooms.iter().enumerate().map(|(i, room)| subscribe_frame(room, i)).collect(),
+                channels: Vec::new(),
+            }),
+            Protocol::Centrifugo => {
+                let channels = rooms.iter().map(centrifugo::channel).collect::<Result<Vec<_>, _>>()?;
+                let frames = channels.iter().enumerate().map(|(i, c)| centrifugo::subscribe_frame(c, i)).collect();
+                Ok(Subscriptions { protocol, frames, channels })
+            }
+        }
+    }
+
+    /// How many subscriptions.
+    pub fn len(&self) -> usize {
+        self.frames.len()
+    }
+}
 
 /// What the controller tells the stable and slow clients.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -136,6 +188,8 @@ pub struct Ctx {
     /// Send the raw `ping` text frame this often (keeps 3.x-style idle
     /// timeouts away); `None`: never.
     pub client_ping: Option<Duration>,
+    /// The client protocol.
+    pub protocol: Protocol,
 }
 
 impl Ctx {
@@ -246,7 +300,7 @@ impl BenchPublish {
 }
 
 /// The subscribe frame for `room` with numeric `request_id`.
-pub fn subscribe_frame(room: &Value, request_id: usize) -> String {
+fn subscribe_frame(room: &Value, request_id: usize) -> String {
     serde_json::json!({"type": "subscribe", "room": room, "requestId": request_id}).to_string()
 }
 
@@ -339,6 +393,9 @@ async fn open_inner(ctx: &Ctx, url: &str, source: usize) -> Result<(Ws, Vec<Valu
             WsError::Http(response) => refused(&response),
             other => failed(format!("handshake: {other}")),
         })?;
+    if ctx.protocol == Protocol::Centrifugo {
+        return centrifugo_connect(ws).await.map(|ws| (ws, Vec::new()));
+    }
     loop {
         match ws.next().await {
             Some(Ok(Message::Text(text))) => {
@@ -360,6 +417,41 @@ async fn open_inner(ctx: &Ctx, url: &str, source: usize) -> Result<(Ws, Vec<Valu
     }
 }
 
+/// Centrifugo's connect exchange on the upgraded `ws`: the connect command,
+/// then its reply (a ping before it is answered).
+async fn centrifugo_connect(mut ws: Ws) -> Result<Ws, OpenError> {
+    let failed = OpenError::Failed;
+    ws.send(Message::text(centrifugo::CONNECT_FRAME)).await.map_err(|e| failed(format!("connect: send: {e}")))?;
+    loop {
+        let text = match ws.next().await {
+            Some(Ok(Message::Text(text))) => text,
+            Some(Ok(Message::Close(frame))) => {
+                return Err(OpenError::Closed(frame.map_or(1005, |f| u16::from(f.code))));
+            }
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => return Err(failed(format!("connect: {e}"))),
+            None => return Err(failed("connect: connection closed".to_string())),
+        };
+        let mut pong = false;
+        for line in centrifugo::lines(text.as_str()) {
+            match centrifugo::parse(line).map_err(failed)? {
+                Reply::Connected => return Ok(ws),
+                Reply::Failed { id: centrifugo::CONNECT_ID, code, message } => {
+                    return Err(failed(format!("connect: error {code} ({message})")));
+                }
+                Reply::Disconnect(code, reason) => {
+                    return Err(failed(format!("connect: disconnected {code} ({reason})")));
+                }
+                Reply::Ping => pong = true,
+                _ => return Err(failed("connect: unexpected reply before the connect reply".to_string())),
+            }
+        }
+        if pong {
+            ws.send(Message::text(centrifugo::PONG)).await.map_err(|e| failed(format!("connect: pong: {e}")))?;
+        }
+    }
+}
+
 /// One client's subscriptions and what they received.
 pub struct Session {
     /// Per subscription: sequence numbers received.
@@ -372,6 +464,10 @@ pub struct Session {
     foreign: u64,
     /// Whose deliveries these are.
     kind: Kind,
+    /// The protocol the server speaks.
+    protocol: Protocol,
+    /// Centrifugo only: each subscription's channel (see [`Subscriptions`]).
+    channels: Vec<String>,
 }
 
 /// Which statistics a client's deliveries go to.
@@ -388,6 +484,8 @@ pub enum Event {
     Nothing,
     /// The server closed the websocket (code).
     Closed(u16),
+    /// Centrifugo pinged: answer [`centrifugo::PONG`].
+    Pong,
     /// One of the bench's publish frames, to be recorded: its phase (when
     /// it names one) and its latency in µs.
     Delivered {
@@ -399,13 +497,16 @@ pub enum Event {
 }
 
 impl Session {
-    fn new(subscriptions: usize, kind: Kind) -> Session {
+    fn new(subscriptions: &Subscriptions, kind: Kind) -> Session {
+        let n = subscriptions.len();
         Session {
-            received: vec![Vec::new(); subscriptions],
-            pending: vec![false; subscriptions],
+            received: vec![Vec::new(); n],
+            pending: vec![false; n],
             pending_count: 0,
             foreign: 0,
             kind,
+            protocol: subscriptions.protocol,
+            channels: subscriptions.channels.clone(),
         }
     }
 
@@ -435,12 +536,14 @@ impl Session {
                 }
             };
             match next {
-                Some(Ok(message)) => {
-                    if let Event::Closed(code) = self.handle(message, ctx) {
+                Some(Ok(message)) => match self.handle(message, ctx) {
+                    Event::Closed(code) => {
                         ctx.stats.subscribes_failed.fetch_add(self.pending_count as u64, Ordering::Relaxed);
                         return Err(format!("closed by server while subscribing ({code})"));
                     }
-                }
+                    Event::Pong => pong(ws).await,
+                    _ => {}
+                },
                 Some(Err(e)) => {
                     ctx.stats.subscribes_failed.fetch_add(self.pending_count as u64, Ordering::Relaxed);
                     return Err(format!("read error while subscribing: {}", short_ws_error(&e)));
@@ -474,18 +577,88 @@ impl Session {
             _ => return Event::Nothing,
         };
         let now = ctx.now_us();
-        match self.handle_text(text, now, ctx) {
-            Event::Delivered { phase, latency } => {
-                self.record(phase, latency, now, ctx);
-                Event::Nothing
-            }
-            other => other,
+        let mut deliveries = Vec::new();
+        let mut outcome = Event::Nothing;
+        self.handle_frame(text, now, ctx, |event| match event {
+            Event::Delivered { phase, latency } => deliveries.push((phase, latency)),
+            // A close wins over a pong (nothing to answer any more).
+            Event::Closed(_) => outcome = event,
+            Event::Pong if matches!(outcome, Event::Nothing) => outcome = Event::Pong,
+            _ => {}
+        });
+        for (phase, latency) in deliveries {
+            self.record(phase, latency, now, ctx);
         }
+        outcome
     }
 
     /// Handles the text of one frame that arrived at `now` (µs since the
-    /// run's epoch); a delivery is returned, not recorded.
-    pub fn handle_text(&mut self, text: &str, now: u64, ctx: &Ctx) -> Event {
+    /// run's epoch), handing each event to `on` (a Centrifugo frame may
+    /// carry several replies, one per line); deliveries are not recorded.
+    pub fn handle_frame(&mut self, text: &str, now: u64, ctx: &Ctx, mut on: impl FnMut(Event)) {
+        match self.protocol {
+            Protocol::HighTemplar => on(self.handle_text(text, now, ctx)),
+            Protocol::Centrifugo => {
+                for line in centrifugo::lines(text) {
+                    on(self.handle_centrifugo(line, now, ctx));
+                }
+            }
+        }
+    }
+
+    /// Handles one Centrifugo reply line (see [`Session::handle_frame`]).
+    fn handle_centrifugo(&mut self, line: &str, now: u64, ctx: &Ctx) -> Event {
+        let reply = match centrifugo::parse(line) {
+            Ok(reply) => reply,
+            Err(e) => {
+                ctx.stats.error(e);
+                return Event::Nothing;
+            }
+        };
+        match reply {
+            Reply::Ping => return Event::Pong,
+            Reply::Publication { channel, bench } => {
+                let Some(index) = self.channels.iter().position(|c| *c == channel) else {
+                    self.foreign += 1;
+                    return Event::Nothing;
+                };
+                let data = bench.map(|b| Data { seq: Some(b.seq), ts: Some(b.ts), p: Some(b.p) });
+                return self.delivery(Some(index), data, now);
+            }
+            Reply::Subscribed(index) => self.subscribe_reply(index, Ok(()), ctx),
+            Reply::Failed { id, code, message } => match centrifugo::subscription_index(id) {
+                Some(index) => self.subscribe_reply(index, Err(format!("error {code} ({message})")), ctx),
+                None => ctx.stats.error(format!("centrifugo: error {code} ({message}) for command {id}")),
+            },
+            Reply::Disconnect(code, _) => return Event::Closed(u16::try_from(code).unwrap_or(u16::MAX)),
+            Reply::Connected => ctx.stats.error("centrifugo: a second connect reply"),
+            Reply::Other(what) => ctx.stats.error(format!("centrifugo: {what}")),
+        }
+        Event::Nothing
+    }
+
+    /// Notes the reply to subscription `index`'s subscribe command.
+    fn subscribe_reply(&mut self, index: usize, result: Result<(), String>, ctx: &Ctx) {
+        if !self.pending.get(index).copied().unwrap_or(false) {
+            ctx.stats.error("centrifugo: reply to no pending subscribe");
+            return;
+        }
+        self.pending[index] = false;
+        self.pending_count -= 1;
+        match result {
+            Ok(()) => {
+                ctx.stats.subscribes_ok.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => {
+                ctx.stats.subscribes_failed.fetch_add(1, Ordering::Relaxed);
+                ctx.stats.error(format!("subscribe: {e}"));
+            }
+        }
+    }
+
+    /// Handles the text of one 3.x frame that arrived at `now` (µs since
+    /// the run's epoch); a delivery is returned, not recorded.
+    fn handle_text(&mut self, text: &str, now: u64, ctx: &Ctx) -> Event {
         if text == "pong" {
             return Event::Nothing;
         }
@@ -556,6 +729,11 @@ impl Session {
     }
 }
 
+/// Answers Centrifugo's ping; a failure shows up as the next read's error.
+async fn pong(ws: &mut Ws) {
+    let _ = ws.send(Message::text(centrifugo::PONG)).await;
+}
+
 /// A short form of a websocket error for the error counts.
 fn short_ws_error(e: &WsError) -> String {
     match e {
@@ -573,12 +751,12 @@ fn short_ws_error(e: &WsError) -> String {
 pub async fn stable(
     ctx: Arc<Ctx>,
     index: usize,
-    frames: Arc<Vec<String>>,
+    frames: Arc<Subscriptions>,
     mut stage: watch::Receiver<Stage>,
     reader: Option<Arc<Reader>>,
 ) -> StableOutcome {
-    let mut session = Session::new(frames.len(), Kind::Stable);
-    let Some(mut ws) = connect_and_subscribe(&ctx, index, &frames, &mut stage, &mut session).await else {
+    let mut session = Session::new(&frames, Kind::Stable);
+    let Some(mut ws) = connect_and_subscribe(&ctx, index, &frames.frames, &mut stage, &mut session).await else {
         return session.outcome();
     };
     if let Some(reader) = reader {
@@ -604,12 +782,14 @@ pub async fn stable(
         };
         tokio::select! {
             next = ws.next() => match next {
-                Some(Ok(message)) => {
-                    if let Event::Closed(code) = session.handle(message, &ctx) {
+                Some(Ok(message)) => match session.handle(message, &ctx) {
+                    Event::Closed(code) => {
                         ctx.stats.error(format!("closed by server ({code})"));
                         break;
                     }
-                }
+                    Event::Pong => pong(&mut ws).await,
+                    _ => {}
+                },
                 Some(Err(e)) => {
                     ctx.stats.error(format!("read error: {}", short_ws_error(&e)));
                     break;
@@ -666,11 +846,11 @@ async fn connect_and_subscribe(
         tokio::select! {
             _ = reach(stage, Stage::Subscribe) => break None,
             next = ws.next() => match next {
-                Some(Ok(message)) => {
-                    if let Event::Closed(code) = session.handle(message, ctx) {
-                        break Some(format!("closed by server before subscribing ({code})"));
-                    }
-                }
+                Some(Ok(message)) => match session.handle(message, ctx) {
+                    Event::Closed(code) => break Some(format!("closed by server before subscribing ({code})")),
+                    Event::Pong => pong(&mut ws).await,
+                    _ => {}
+                },
                 Some(Err(e)) => break Some(format!("read error before subscribing: {}", short_ws_error(&e))),
                 None => break Some("connection ended before subscribing".to_string()),
             }
@@ -726,12 +906,12 @@ pub async fn close(mut ws: Ws) {
 pub async fn slow(
     ctx: Arc<Ctx>,
     index: usize,
-    frames: Arc<Vec<String>>,
+    frames: Arc<Subscriptions>,
     mut stage: watch::Receiver<Stage>,
     drain: Duration,
 ) -> SlowOutcome {
-    let mut session = Session::new(frames.len(), Kind::Slow);
-    let Some(mut ws) = connect_and_subscribe(&ctx, index, &frames, &mut stage, &mut session).await else {
+    let mut session = Session::new(&frames, Kind::Slow);
+    let Some(mut ws) = connect_and_subscribe(&ctx, index, &frames.frames, &mut stage, &mut session).await else {
         return SlowOutcome::default();
     };
     // Stop reading: the socket buffers fill, then the server's queue.
@@ -760,7 +940,8 @@ pub async fn slow(
 }
 
 /// A churn client: connect, subscribe to `frames`, read for `hold`, close.
-pub async fn churn(ctx: Arc<Ctx>, index: usize, frames: Arc<Vec<String>>, hold: Duration) -> ChurnOutcome {
+pub async fn churn(ctx: Arc<Ctx>, index: usize, subscriptions: Arc<Subscriptions>, hold: Duration) -> ChurnOutcome {
+    let frames = &subscriptions.frames;
     let started = Instant::now();
     let mut ws = match open(&ctx, index).await {
         Ok(ws) => ws,
@@ -770,8 +951,8 @@ pub async fn churn(ctx: Arc<Ctx>, index: usize, frames: Arc<Vec<String>>, hold: 
             return ChurnOutcome::default();
         }
     };
-    let mut session = Session::new(frames.len(), Kind::Churn);
-    let subscribed = match session.subscribe(&mut ws, &frames).await {
+    let mut session = Session::new(&subscriptions, Kind::Churn);
+    let subscribed = match session.subscribe(&mut ws, frames).await {
         Ok(()) => session.await_replies(&mut ws, &ctx).await,
         Err(e) => {
             ctx.stats.subscribes_failed.fetch_add(frames.len() as u64, Ordering::Relaxed);
@@ -785,9 +966,13 @@ pub async fn churn(ctx: Arc<Ctx>, index: usize, frames: Arc<Vec<String>>, hold: 
     lock(&ctx.stats.churn_setup).saturating_record(started.elapsed().as_micros() as u64);
     let _ = tokio::time::timeout(hold, async {
         while let Some(Ok(message)) = ws.next().await {
-            if let Event::Closed(code) = session.handle(message, &ctx) {
-                ctx.stats.error(format!("churn: closed by server ({code})"));
-                break;
+            match session.handle(message, &ctx) {
+                Event::Closed(code) => {
+                    ctx.stats.error(format!("churn: closed by server ({code})"));
+                    break;
+                }
+                Event::Pong => pong(&mut ws).await,
+                _ => {}
             }
         }
     })

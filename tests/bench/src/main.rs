@@ -11,6 +11,7 @@
 
 mod admission;
 mod backend;
+mod centrifugo;
 mod client;
 mod floor;
 mod procstat;
@@ -28,6 +29,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::{Value, json};
 
+use crate::client::Protocol;
 use crate::publish::Publisher;
 use crate::report::Report;
 use crate::rooms::RoomSpace;
@@ -84,6 +86,20 @@ enum PublishKind {
     Http,
     /// AMQP `basic_publish` to the exchange, routing key `*` (like 3.x publishers).
     Amqp,
+    /// Centrifugo's server HTTP API (`POST /api/publish` or `/api/broadcast`,
+    /// `X-API-Key: <--trigger-token>`); needs `--protocol centrifugo`.
+    Centrifugo,
+}
+
+/// Client protocols.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ProtocolKind {
+    /// high-templar 3.x (this project's gateway, the Python 3.1.0).
+    HighTemplar,
+    /// Centrifugo's JSON protocol (connect, subscribe to one channel per
+    /// room `key=value,…`, publications pushed by channel); needs
+    /// `--publish centrifugo` and a URL ending in `/connection/websocket`.
+    Centrifugo,
 }
 
 /// Flags shared by `run` and `scenario`.
@@ -95,13 +111,17 @@ struct CommonArgs {
     /// Token sent as `?token=` (the gateway forwards it to the backend).
     #[arg(long, env = "HTB_TOKEN", default_value = "bench")]
     token: String,
+    /// The server's client protocol.
+    #[arg(long, env = "HTB_PROTOCOL", value_enum, default_value_t = ProtocolKind::HighTemplar)]
+    protocol: ProtocolKind,
     /// How to publish triggers.
     #[arg(long, env = "HTB_PUBLISH", value_enum, default_value_t = PublishKind::Http)]
     publish: PublishKind,
-    /// Trigger endpoint for --publish http [default: http://<host:port of --url>/trigger].
+    /// Trigger endpoint for --publish http [default: http://<host:port of --url>/trigger]; the API prefix
+    /// for --publish centrifugo [default: http://<host:port of --url>/api].
     #[arg(long, env = "HTB_TRIGGER_URL")]
     trigger_url: Option<String>,
-    /// Bearer token of POST /trigger.
+    /// Bearer token of POST /trigger; the API key with --publish centrifugo.
     #[arg(long, env = "HTB_TRIGGER_TOKEN", hide_env_values = true)]
     trigger_token: Option<String>,
     /// RabbitMQ URL for --publish amqp.
@@ -463,6 +483,11 @@ async fn target(common: &CommonArgs, authority: &str) -> Result<(SocketAddr, Vec
 async fn admission_scenario(args: &ScenarioArgs) -> Result<ExitCode, String> {
     let (common, a) = (&args.common, &args.admission);
     let progress = !common.quiet;
+    if common.protocol != ProtocolKind::HighTemplar {
+        return Err(
+            "scenario admission measures the 3.x gateway's admission control: --protocol high-templar only".into()
+        );
+    }
     let addr = common.serve_backend.ok_or(
         "scenario admission needs --serve-backend ADDR: the bench's own backend counts the calls the gateway makes \
          (point the gateway's backend.url at it)",
@@ -528,6 +553,7 @@ async fn admission_scenario(args: &ScenarioArgs) -> Result<ExitCode, String> {
         scale: Some(args.scale),
         url: common.url.clone(),
         publish: None,
+        protocol: protocol_name(Protocol::HighTemplar),
         backend_requests: Some(reports.iter().map(|r| r.backend.calls).sum()),
         runs: Vec::new(),
         summary: admission::summary(&reports),
@@ -537,6 +563,14 @@ async fn admission_scenario(args: &ScenarioArgs) -> Result<ExitCode, String> {
         problems,
     };
     print_report(&report, common.json)
+}
+
+/// The report's name of `protocol`.
+fn protocol_name(protocol: Protocol) -> &'static str {
+    match protocol {
+        Protocol::HighTemplar => "high-templar",
+        Protocol::Centrifugo => "centrifugo",
+    }
 }
 
 fn print_report(report: &Report, json: bool) -> Result<ExitCode, String> {
@@ -644,6 +678,22 @@ async fn execute(
     };
 
     let publishes = specs.iter().any(|s| !s.steps.is_empty());
+    let protocol = match common.protocol {
+        ProtocolKind::HighTemplar => Protocol::HighTemplar,
+        ProtocolKind::Centrifugo => Protocol::Centrifugo,
+    };
+    if protocol == Protocol::Centrifugo {
+        if publishes && common.publish != PublishKind::Centrifugo {
+            return Err("--protocol centrifugo publishes with --publish centrifugo only".into());
+        }
+        if common.client_ping > 0.0 {
+            return Err("--client-ping sends the 3.x raw `ping`, which Centrifugo refuses; \
+                        its own pings are answered without it"
+                .into());
+        }
+    } else if publishes && common.publish == PublishKind::Centrifugo {
+        return Err("--publish centrifugo needs --protocol centrifugo".into());
+    }
     let publisher = if publishes {
         Some(match common.publish {
             PublishKind::Http => {
@@ -655,6 +705,14 @@ async fn execute(
                 Publisher::http(trigger_url, token)?
             }
             PublishKind::Amqp => Publisher::amqp(&common.amqp_url, &common.exchange).await?,
+            PublishKind::Centrifugo => {
+                let key = common
+                    .trigger_token
+                    .clone()
+                    .ok_or("--publish centrifugo needs --trigger-token (the HTTP API key)")?;
+                let api = common.trigger_url.clone().unwrap_or_else(|| format!("http://{authority}/api"));
+                Publisher::centrifugo(api, key)?
+            }
         })
     } else {
         None
@@ -672,6 +730,7 @@ async fn execute(
         publish_window: common.publish_window,
         server_pid: common.server_pid,
         client_ping: (common.client_ping > 0.0).then(|| secs(common.client_ping)),
+        protocol,
         seed: common.seed,
         progress,
     };
@@ -703,6 +762,7 @@ async fn execute(
         scale: preset.map(|(_, scale)| scale),
         url: common.url.clone(),
         publish: publisher.as_ref().map(|p| p.kind().to_string()),
+        protocol: protocol_name(protocol),
         backend_requests: backend.as_ref().map(|b| b.stats.requests.load(std::sync::atomic::Ordering::Relaxed)),
         runs: reports,
         admission: Vec::new(),

@@ -1,11 +1,15 @@
 //! Publishing triggers the way 3.x publishers do: AMQP (exchange
 //! `hightemplar`, routing key `*`, publisher confirms so the bench knows
-//! what the broker took), or `POST /trigger` with a bearer token.
+//! what the broker took), or `POST /trigger` with a bearer token; or, for
+//! the Centrifugo peer of the comparison, its server HTTP API.
 
 use futures_util::future::{BoxFuture, FutureExt};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind};
+use serde_json::Value;
+
+use crate::centrifugo;
 
 /// The routing key 3.x publishers use.
 pub const ROUTING_KEY: &str = "*";
@@ -31,6 +35,16 @@ pub enum Publisher {
         channel: Channel,
         /// The exchange.
         exchange: String,
+    },
+    /// Centrifugo's server HTTP API: `POST <api>/publish` (one room) or
+    /// `<api>/broadcast` (several) with `X-API-Key`.
+    Centrifugo {
+        /// HTTP client (keeps connections alive).
+        client: reqwest::Client,
+        /// The API prefix, `http://host:port/api`.
+        api: String,
+        /// The API key.
+        key: String,
     },
 }
 
@@ -62,18 +76,71 @@ impl Publisher {
         Ok(Publisher::Amqp { _connection: connection, channel, exchange: exchange.to_string() })
     }
 
-    /// `"http"` or `"amqp"`.
+    /// A publisher to Centrifugo's HTTP API under `api` (`http://host:port/api`).
+    pub fn centrifugo(api: String, key: String) -> Result<Publisher, String> {
+        let client =
+            reqwest::Client::builder().pool_max_idle_per_host(256).build().map_err(|e| format!("HTTP client: {e}"))?;
+        Ok(Publisher::Centrifugo { client, api: api.trim_end_matches('/').to_string(), key })
+    }
+
+    /// `"http"`, `"amqp"` or `"centrifugo"`.
     pub fn kind(&self) -> &'static str {
         match self {
             Publisher::Http { .. } => "http",
             Publisher::Amqp { .. } => "amqp",
+            Publisher::Centrifugo { .. } => "centrifugo",
         }
     }
 
-    /// Publishes `body`; resolves once the server answered `2xx` (HTTP) or
-    /// RabbitMQ confirmed (AMQP).
-    pub fn send(&self, body: Vec<u8>) -> BoxFuture<'static, Result<(), String>> {
+    /// Publishes the bench's trigger (sequence number `seq`, sent at `ts_us`,
+    /// of `phase`, data about `payload_bytes` long) to `rooms`, in this
+    /// publisher's protocol; resolves once the server or broker took it.
+    pub fn trigger(
+        &self,
+        rooms: &[Value],
+        seq: u64,
+        ts_us: u64,
+        phase: usize,
+        payload_bytes: usize,
+    ) -> BoxFuture<'static, Result<(), String>> {
+        let Publisher::Centrifugo { client, api, key } = self else {
+            let rooms_json = Value::Array(rooms.to_vec()).to_string();
+            return self.send(trigger_body(&rooms_json, seq, ts_us, phase, payload_bytes));
+        };
+        let channels = match rooms.iter().map(centrifugo::channel).collect::<Result<Vec<_>, _>>() {
+            Ok(channels) => channels,
+            Err(e) => return futures_util::future::ready(Err(e)).boxed(),
+        };
+        let (path, body) = centrifugo::api_request(&channels, &trigger_data(seq, ts_us, phase, payload_bytes));
+        let request = client
+            .post(format!("{api}{path}"))
+            .header("X-API-Key", key.as_str())
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body);
+        async move {
+            let response = request.send().await.map_err(|e| format!("POST /api{path}: {e}"))?;
+            let status = response.status();
+            let answer = response.bytes().await.map_err(|e| format!("POST /api{path}: body: {e}"))?;
+            if !status.is_success() {
+                return Err(format!("POST /api{path}: HTTP {}", status.as_u16()));
+            }
+            match centrifugo::api_error(&answer) {
+                Some(error) => Err(format!("POST /api{path}: {error}")),
+                None => Ok(()),
+            }
+        }
+        .boxed()
+    }
+
+    /// Publishes the 3.x trigger `body`; resolves once the server answered
+    /// `2xx` (HTTP) or RabbitMQ confirmed (AMQP). [`Publisher::trigger`] is
+    /// the only caller, and sends Centrifugo its own body.
+    fn send(&self, body: Vec<u8>) -> BoxFuture<'static, Result<(), String>> {
         match self {
+            Publisher::Centrifugo { .. } => {
+                futures_util::future::ready(Err("centrifugo: a 3.x trigger body cannot be published".to_string()))
+                    .boxed()
+            }
             Publisher::Http { client, url, token } => {
                 let request = client
                     .post(url.as_str())
@@ -117,20 +184,31 @@ impl Publisher {
 /// The trigger body `{"rooms":[…],"data":{"seq":…,"ts":…,"p":…,"pad":"…"}}`,
 /// padded so `data` is about `payload_bytes` long.
 pub fn trigger_body(rooms_json: &str, seq: u64, ts_us: u64, phase: usize, payload_bytes: usize) -> Vec<u8> {
-    let head = format!("{{\"seq\":{seq},\"ts\":{ts_us},\"p\":{phase}");
-    let pad_len = payload_bytes.saturating_sub(head.len() + ",\"pad\":\"\"}".len());
-    let mut body = String::with_capacity(rooms_json.len() + head.len() + pad_len + 32);
+    let data = trigger_data(seq, ts_us, phase, payload_bytes);
+    let mut body = String::with_capacity(rooms_json.len() + data.len() + 20);
     body.push_str("{\"rooms\":");
     body.push_str(rooms_json);
     body.push_str(",\"data\":");
-    body.push_str(&head);
-    if pad_len > 0 {
-        body.push_str(",\"pad\":\"");
-        body.extend(std::iter::repeat_n('x', pad_len));
-        body.push('"');
-    }
-    body.push_str("}}");
+    body.push_str(&data);
+    body.push('}');
     body.into_bytes()
+}
+
+/// A trigger's data object `{"seq":…,"ts":…,"p":…,"pad":"…"}`, about
+/// `payload_bytes` long; every publisher sends this text unchanged, so the
+/// clients' fast paths read the same bytes whatever the server.
+pub fn trigger_data(seq: u64, ts_us: u64, phase: usize, payload_bytes: usize) -> String {
+    let head = format!("{{\"seq\":{seq},\"ts\":{ts_us},\"p\":{phase}");
+    let pad_len = payload_bytes.saturating_sub(head.len() + ",\"pad\":\"\"}".len());
+    let mut data = String::with_capacity(head.len() + pad_len + 10);
+    data.push_str(&head);
+    if pad_len > 0 {
+        data.push_str(",\"pad\":\"");
+        data.extend(std::iter::repeat_n('x', pad_len));
+        data.push('"');
+    }
+    data.push('}');
+    data
 }
 
 #[cfg(test)]

@@ -56,6 +56,8 @@ pub const PACE: Duration = Duration::from_micros(500);
 const EVENTS: usize = 1024;
 /// A masked close frame with code 1000 (mask key 0: the payload is sent as is).
 const CLOSE_FRAME: [u8; 8] = [0x88, 0x82, 0, 0, 0, 0, 0x03, 0xe8];
+/// A masked text frame `{}`, the answer to Centrifugo's ping (mask key 0).
+const CENTRIFUGO_PONG_FRAME: [u8; 8] = [0x81, 0x82, 0, 0, 0, 0, b'{', b'}'];
 
 /// What the clients and the controller tell the reading thread.
 enum Command {
@@ -319,16 +321,25 @@ fn read_conn(
             at += frame.header + frame.len;
             match frame.opcode {
                 1 | 2 if !conn.closing => match std::str::from_utf8(payload) {
-                    Ok(text) => match conn.session.handle_text(text, now, ctx) {
-                        Event::Delivered { phase, latency } => {
-                            batch.deliveries.push((phase.unwrap_or(usize::MAX), latency, now))
-                        }
-                        Event::Closed(code) => {
+                    Ok(text) => {
+                        let mut closed = None;
+                        let stream = &mut conn.stream;
+                        // A 3.x frame is one event; a Centrifugo frame one per line.
+                        conn.session.handle_frame(text, now, ctx, |event| match event {
+                            Event::Delivered { phase, latency } => {
+                                batch.deliveries.push((phase.unwrap_or(usize::MAX), latency, now))
+                            }
+                            Event::Closed(code) => closed = Some(code),
+                            Event::Pong => {
+                                let _ = stream.write(&CENTRIFUGO_PONG_FRAME);
+                            }
+                            Event::Nothing => {}
+                        });
+                        if let Some(code) = closed {
                             outcome = Some(Some(format!("closed by server ({code})")));
                             break;
                         }
-                        Event::Nothing => {}
-                    },
+                    }
                     Err(_) => ctx.stats.error("binary frame that is not UTF-8"),
                 },
                 8 => {

@@ -465,8 +465,10 @@ pub struct Report {
     pub scale: Option<f64>,
     /// Websocket URL (token removed).
     pub url: String,
-    /// `http` or `amqp`, if triggers were sent.
+    /// `http`, `amqp` or `centrifugo`, if triggers were sent.
     pub publish: Option<String>,
+    /// The client protocol: `high-templar` (3.x) or `centrifugo`.
+    pub protocol: &'static str,
     /// Bootstrap requests the bundled backend answered (when it ran).
     pub backend_requests: Option<u64>,
     /// Runs.

@@ -15,9 +15,9 @@ use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
-use crate::client::{self, ChurnOutcome, Ctx, SlowOutcome, StableOutcome, Stage, Stats, lock};
+use crate::client::{self, ChurnOutcome, Ctx, Protocol, SlowOutcome, StableOutcome, Stage, Stats, Subscriptions, lock};
 use crate::procstat::{self, delta};
-use crate::publish::{Publisher, trigger_body};
+use crate::publish::Publisher;
 use crate::reader::Reader;
 use crate::report::{
     ChurnReport, Counts, Deliveries, Latency, PhaseTiming, RunReport, ServerReport, SlowReport, StepReport,
@@ -149,6 +149,8 @@ pub struct Options {
     pub server_pid: Option<u32>,
     /// Raw `ping` every so often.
     pub client_ping: Option<Duration>,
+    /// The client protocol of the server.
+    pub protocol: Protocol,
     /// PRNG seed.
     pub seed: u64,
     /// Progress lines on stderr.
@@ -272,12 +274,11 @@ pub async fn run(spec: &RunSpec, options: &Options, publisher: Option<&Publisher
 
     // Subscriptions of the stable clients: global id = conn * per_conn + local.
     let mut subscriptions: Vec<Room> = Vec::with_capacity(spec.connections * per_conn);
-    let mut frames: Vec<Arc<Vec<String>>> = Vec::with_capacity(spec.connections + spec.slow_clients);
+    let mut frames: Vec<Arc<Subscriptions>> = Vec::with_capacity(spec.connections + spec.slow_clients);
     for conn in 0..spec.connections + spec.slow_clients {
         let rooms = spec.layout.rooms(conn, spaces, &mut rng);
-        frames.push(Arc::new(
-            rooms.iter().enumerate().map(|(i, r)| client::subscribe_frame(&r.to_json(spaces), i)).collect(),
-        ));
+        let json: Vec<Value> = rooms.iter().map(|r| r.to_json(spaces)).collect();
+        frames.push(Arc::new(Subscriptions::new(options.protocol, &json)?));
         if conn < spec.connections {
             subscriptions.extend(rooms);
         }
@@ -300,6 +301,7 @@ pub async fn run(spec: &RunSpec, options: &Options, publisher: Option<&Publisher
         stats: stats.clone(),
         connect_permits: Arc::new(Semaphore::new(options.connect_concurrency.max(1))),
         client_ping: options.client_ping,
+        protocol: options.protocol,
     });
 
     // Subscribed stable clients are read by one thread on epoll (the bench
@@ -651,12 +653,11 @@ async fn run_step(
             let due = step.rate.map_or(now, |r| start + Duration::from_secs_f64(sent as f64 / r));
             if due <= now {
                 let rooms = trigger_rooms(&step.shape, spaces, rng);
-                let rooms_json = Value::Array(rooms.iter().map(|r| r.to_json(spaces)).collect()).to_string();
+                let rooms_json: Vec<Value> = rooms.iter().map(|r| r.to_json(spaces)).collect();
                 let seq = ledger.next_seq;
                 ledger.next_seq += 1;
                 ledger.phase_of_seq.push(phase as u32);
-                let body = trigger_body(&rooms_json, seq, ctx.now_us(), phase, step.payload_bytes);
-                let send = publisher.send(body);
+                let send = publisher.trigger(&rooms_json, seq, ctx.now_us(), phase, step.payload_bytes);
                 inflight.push(async move { (seq, rooms, send.await) });
                 sent += 1;
                 continue;
@@ -761,8 +762,13 @@ async fn churn_driver(
         }
         let index = first_index + n;
         let rooms = layout.rooms(index, &spaces, &mut rng);
-        let frames: Vec<String> =
-            rooms.iter().enumerate().map(|(i, r)| client::subscribe_frame(&r.to_json(&spaces), i)).collect();
+        let json: Vec<Value> = rooms.iter().map(|r| r.to_json(&spaces)).collect();
+        // The stable clients' rooms were accepted, and churn draws from the same layout.
+        let Ok(frames) = Subscriptions::new(ctx.protocol, &json) else {
+            ctx.stats.error("churn: a room this protocol cannot have");
+            n += 1;
+            continue;
+        };
         handles.push(tokio::spawn(client::churn(ctx.clone(), index, Arc::new(frames), spec.hold)));
         n += 1;
     }
