@@ -47,6 +47,9 @@ use crate::client::{Ctx, Event, Session, StableOutcome, Ws, lock};
 const WAKER: Token = Token(usize::MAX);
 /// Size of the shared read buffer (grown for a larger frame).
 const READ_BUFFER: usize = 1 << 20;
+/// Largest server frame read (the tokio-tungstenite clients' `max_message_size`):
+/// a header announcing more ends the connection instead of growing the buffer.
+const MAX_FRAME: usize = 16 << 20;
 /// How long [`Reader::stop`] waits for the server's close frames.
 const CLOSE_WAIT: Duration = Duration::from_secs(1);
 /// The reader looks at its sockets at most this often (see the module
@@ -397,6 +400,8 @@ enum FrameError {
     Masked,
     /// The gateway never fragments; the bench does not reassemble.
     Fragmented,
+    /// Over [`MAX_FRAME`].
+    TooLarge,
 }
 
 impl std::fmt::Display for FrameError {
@@ -404,6 +409,7 @@ impl std::fmt::Display for FrameError {
         f.write_str(match self {
             FrameError::Masked => "protocol: masked server frame",
             FrameError::Fragmented => "protocol: fragmented server frame",
+            FrameError::TooLarge => "protocol: server frame over 16 MiB",
         })
     }
 }
@@ -428,6 +434,9 @@ impl Frame {
             }
             n => (2, n as usize),
         };
+        if len > MAX_FRAME - header {
+            return Some(Err(FrameError::TooLarge));
+        }
         Some(Ok(Frame { opcode, header, len }))
     }
 
@@ -456,6 +465,10 @@ mod tests {
         let huge = [0x82, 127, 0, 0, 0, 0, 0, 1, 0, 0];
         assert_eq!(Frame::header(&huge), Some(Ok(Frame { opcode: 2, header: 10, len: 65536 })));
         assert_eq!(Frame::parse(&huge), None);
+        let over = [0x82, 127, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff];
+        assert_eq!(Frame::header(&over), Some(Err(FrameError::TooLarge)), "never a buffer of 2^64 bytes");
+        let just_over = [0x82, 127, 0, 0, 0, 0, 0x01, 0, 0, 0];
+        assert_eq!(Frame::header(&just_over), Some(Err(FrameError::TooLarge)));
         assert_eq!(Frame::parse(&[0x81, 0x83, 0, 0, 0, 0]), Some(Err(FrameError::Masked)));
         assert_eq!(Frame::parse(&[0x01, 1, b'a']), Some(Err(FrameError::Fragmented)));
         assert_eq!(Frame::parse(&[0x80, 1, b'a']), Some(Err(FrameError::Fragmented)));
