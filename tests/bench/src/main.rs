@@ -446,6 +446,13 @@ async fn scenario(args: ScenarioArgs) -> Result<ExitCode, String> {
 
 /// Raises the open-file limit for `needed` connections (a warning when it
 /// cannot).
+/// An HTTP publisher's URL (`--trigger-url`, else `default_url`) and its
+/// credential (`--trigger-token`; `missing` is the error without one).
+fn http_publish_target(common: &CommonArgs, missing: &str, default_url: String) -> Result<(String, String), String> {
+    let token = common.trigger_token.clone().ok_or_else(|| missing.to_string())?;
+    Ok((common.trigger_url.clone().unwrap_or(default_url), token))
+}
+
 fn nofile_for(common: &CommonArgs, needed: usize) {
     match raise_nofile(common.nofile) {
         Ok(limit) => {
@@ -697,20 +704,20 @@ async fn execute(
     let publisher = if publishes {
         Some(match common.publish {
             PublishKind::Http => {
-                let token = common
-                    .trigger_token
-                    .clone()
-                    .ok_or("--publish http needs --trigger-token (or HTB_TRIGGER_TOKEN)")?;
-                let trigger_url = common.trigger_url.clone().unwrap_or_else(|| format!("http://{authority}/trigger"));
-                Publisher::http(trigger_url, token)?
+                let (url, token) = http_publish_target(
+                    common,
+                    "--publish http needs --trigger-token (or HTB_TRIGGER_TOKEN)",
+                    format!("http://{authority}/trigger"),
+                )?;
+                Publisher::http(url, token)?
             }
             PublishKind::Amqp => Publisher::amqp(&common.amqp_url, &common.exchange).await?,
             PublishKind::Centrifugo => {
-                let key = common
-                    .trigger_token
-                    .clone()
-                    .ok_or("--publish centrifugo needs --trigger-token (the HTTP API key)")?;
-                let api = common.trigger_url.clone().unwrap_or_else(|| format!("http://{authority}/api"));
+                let (api, key) = http_publish_target(
+                    common,
+                    "--publish centrifugo needs --trigger-token (the HTTP API key)",
+                    format!("http://{authority}/api"),
+                )?;
                 Publisher::centrifugo(api, key)?
             }
         })
