@@ -9,6 +9,8 @@
 //! - [`desired`]: builders of the objects a resource asks for, and the
 //!   gateway configuration it implies.
 //! - [`status`]: conditions from what a reconciliation observed.
+//! - [`fleet`]: a gateway pod's load from its `/metrics` page, and the sum
+//!   over a resource's pods (#14: status figures, saturation).
 //!
 //! I/O at the edges:
 //! - [`reconcile`]: `Context`, `reconcile`, `error_policy`, finalizer.
@@ -21,6 +23,7 @@
 pub mod controller;
 pub mod crd;
 pub mod desired;
+pub mod fleet;
 pub mod metrics;
 pub mod rabbitmq;
 pub mod reconcile;
