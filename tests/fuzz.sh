@@ -53,8 +53,14 @@ main() {
   case $SANITIZER in none|address) ;; *) die "FUZZ_SANITIZER must be none or address, not '$SANITIZER'" ;; esac
 
   # libFuzzer needs a nightly toolchain (-Zsanitizer, sancov passes).
+  # A machine without one gets it from rustup (the test command installs
+  # what the tests need).
   if ! cargo +nightly --version >/dev/null 2>&1; then
-    die "the nightly Rust toolchain is missing; install it with: rustup toolchain install nightly --profile minimal"
+    command -v rustup >/dev/null 2>&1 ||
+      die "the nightly Rust toolchain is missing and rustup is not installed; install Rust with rustup (https://rustup.rs)"
+    say "installing the nightly Rust toolchain (once): rustup toolchain install nightly --profile minimal"
+    rustup toolchain install nightly --profile minimal ||
+      die "cannot install the nightly Rust toolchain; try: rustup toolchain install nightly --profile minimal"
   fi
 
   # cargo-fuzz, pinned, installed once into a cache directory.

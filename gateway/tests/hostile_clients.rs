@@ -257,6 +257,23 @@ async fn the_connection_memory_budget_bounds_what_one_client_holds() {
     assert_eq!(c.until_end().await.1, common::Ended::Close(4401));
 }
 
+/// A bootstrap answer larger than `backend.maxBodyBytes` is not read past
+/// the limit: the user is refused, and an answer within it is accepted.
+#[tokio::test]
+async fn bootstrap_answers_past_the_body_limit_refuse_the_user() {
+    let padding = "x".repeat(8 * 1024);
+    let big = format!(r#"{{"allowed_rooms": [{{"user": 1}}], "user": {{"bio": "{padding}"}}}}"#);
+    let small = r#"{"allowed_rooms": [{"user": 1}]}"#;
+    let backend = TestBackend::new().answer("big", Answer::body(&big)).answer("small", Answer::body(small));
+    let gw = TestGateway::with_backend(&backend, "backend: {maxBodyBytes: 4096}").await;
+    let mut c = Client::connect(&gw.ws_url(Some("big")), &[]).await.expect("upgrade");
+    assert_eq!(c.recv_json().await["is_authorized"], json!(false));
+    assert_eq!(c.until_end().await.1, common::Ended::Close(4401));
+    assert_eq!(gw.metric(r#"hightemplar_auth_total{outcome="invalid_body"}"#).await, 1.0);
+    let mut c = Client::connect(&gw.ws_url(Some("small")), &[]).await.expect("upgrade");
+    assert_eq!(c.recv_json().await["is_authorized"], json!(true));
+}
+
 /// `backend.maxAllowedRooms`: an answer with more allowed rooms refuses
 /// the user instead of being held.
 #[tokio::test]

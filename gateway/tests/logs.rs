@@ -6,6 +6,7 @@
 mod common;
 
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use common::{Answer, TestBackend, http_get, http_post, require_rabbitmq, unique_exchange};
 use serde_json::json;
@@ -43,7 +44,9 @@ async fn trace_logs_hold_no_credentials_no_body_contents_and_few_lines() {
     let password = format!("pw-{}-Zq7", std::process::id());
     let user = AmqpUser::create(&password);
     let exchange = unique_exchange("logs");
-    let backend = TestBackend::new().answer("carol", Answer::rooms(json!([{"user": 3}])));
+    // The user's credentials: a token (forwarded as `Authorization`) and a
+    // session cookie, both sent through the upgrade.
+    let backend = TestBackend::new().answer("carol-Tk8secret", Answer::rooms(json!([{"user": 3}])));
     let backend_url = backend.serve().await;
     let port = common::free_port();
     let amqp_url = format!("amqp://{}:{password}@127.0.0.1:5672/%2f", user.0);
@@ -73,6 +76,16 @@ async fn trace_logs_hold_no_credentials_no_body_contents_and_few_lines() {
     });
     let base = common::wait_process_ready(port).await;
 
+    // A browser-like client: cookie and token through the upgrade, a
+    // subscription and a publish (hyper, tungstenite and reqwest all see
+    // the credentials at trace level).
+    let ws_url = format!("ws://127.0.0.1:{port}/ws/?token=carol-Tk8secret");
+    let mut carol =
+        common::Client::connect(&ws_url, &[("Cookie", "sessionid=cookie-Mn4secret")]).await.expect("upgrade");
+    assert_eq!(carol.recv_json().await["is_authorized"], json!(true));
+    let reply = carol.subscribe(json!({"user": 3}), json!("c")).await;
+    assert_eq!(reply["code"], json!("success"), "{reply}");
+
     // A flood of malformed bodies naming a room key, and good triggers.
     let publisher = common::AmqpPublisher::connect().await;
     for _ in 0..300 {
@@ -87,17 +100,46 @@ async fn trace_logs_hold_no_credentials_no_body_contents_and_few_lines() {
         common::metric_value(&metrics, "hightemplar_triggers_rejected_total{reason=\"invalid_room\"}") >= 300.0
     })
     .await;
+    assert_eq!(carol.recv_json().await["data"], json!("fine"), "the client got the triggers");
+    // Past the throttle's 10 s interval, one more malformed body writes a
+    // line that counts the ones left out.
+    tokio::time::sleep(Duration::from_millis(10_500)).await;
+    publisher.publish(&exchange, br#"{"rooms":[{"secret-room-key":{"nested":1}}],"data":1}"#).await;
+    common::eventually("the 301st malformed body was counted", || async {
+        let metrics = http_get(&format!("{base}/metrics")).await.1;
+        common::metric_value(&metrics, "hightemplar_triggers_rejected_total{reason=\"invalid_room\"}") >= 301.0
+    })
+    .await;
     let _ = Command::new("kill").args(["-TERM", &child.id().expect("pid").to_string()]).status();
     let _ = child.wait().await;
     let logs = logs.await.expect("the stderr reader");
     publisher.delete_exchange(&exchange).await;
 
     let password_bytes = password.bytes().map(|b| b.to_string()).collect::<Vec<_>>().join(", ");
-    for secret in [password.as_str(), password_bytes.as_str(), "trigger-token-Xy9", "secret-room-key"] {
+    for secret in
+        [password.as_str(), password_bytes.as_str(), "trigger-token-Xy9", "secret-room-key", "Tk8secret", "Mn4secret"]
+    {
         assert!(!logs.contains(secret), "the logs show {secret:?}");
     }
-    let malformed = logs.lines().filter(|l| l.contains("malformed AMQP trigger dropped")).count();
-    assert!((1..=2).contains(&malformed), "{malformed} lines for 300 malformed triggers");
+    // The session and the upgrade were logged (at trace), so the check above
+    // covers them; hyper, tungstenite and reqwest stay capped at info.
+    let targets: std::collections::BTreeSet<&str> =
+        logs.lines().filter_map(|l| l.split("\"target\":\"").nth(1)?.split('"').next()).collect();
+    for logged in ["high_templar_gateway::session", "high_templar_gateway::http"] {
+        assert!(targets.contains(logged), "no line of {logged}: {targets:?}");
+    }
+    assert!(!targets.iter().any(|t| t.starts_with("hyper") || t.contains("tungstenite")), "{targets:?}");
+    let malformed: Vec<&str> = logs.lines().filter(|l| l.contains("malformed AMQP trigger dropped")).collect();
+    assert!((2..=4).contains(&malformed.len()), "{} lines for 301 malformed triggers", malformed.len());
+    // Every body is either a line or counted in the next line's `suppressed`.
+    let suppressed: u64 = malformed
+        .iter()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).expect("a JSON log line");
+            v["suppressed"].as_u64().unwrap_or_else(|| panic!("no suppressed count in {l}"))
+        })
+        .sum();
+    assert_eq!(suppressed + malformed.len() as u64, 301, "{malformed:?}");
     let accepted: Vec<&str> = logs.lines().filter(|l| l.contains("trigger accepted")).collect();
     assert_eq!(accepted.len(), 5, "each trigger at debug level: {accepted:?}");
     assert!(accepted.iter().all(|l| l.contains(r#""level":"DEBUG""#)), "{accepted:?}");

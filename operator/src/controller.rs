@@ -44,10 +44,19 @@ pub async fn run(
 ) {
     let ns = namespace.as_deref();
     let reporter = Reporter { controller: "high-templar-operator".into(), instance: std::env::var("POD_NAME").ok() };
-    let ctx = Arc::new(Context::new(client.clone(), Recorder::new(client.clone(), reporter), metrics, settings));
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        Recorder::new(client.clone(), reporter),
+        metrics.clone(),
+        settings.clone(),
+    ));
     let config = watcher::Config::default();
     let controller = Controller::new(api::<HighTemplar>(&client, ns), config.clone());
     let store = controller.store();
+    // The fleet scrape lives as long as the controller (it stops with
+    // leadership).
+    let fleet =
+        tokio::spawn(crate::scrape::run(client.clone(), controller.store(), settings.fleet_period, metrics.clone()));
     info!(namespace = ns.unwrap_or("<all>"), "high-templar operator controller starting");
     controller
         .owns(api::<ConfigMap>(&client, ns), config.clone())
@@ -76,5 +85,6 @@ pub async fn run(
             }
         })
         .await;
+    fleet.abort();
     info!("controller stopped");
 }

@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{Affinity, ResourceRequirements, Toleration};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
@@ -42,6 +42,12 @@ use serde::{Deserialize, Serialize};
         type_ = "string",
         json_path = ".status.replicaSummary",
         description = "Ready replicas / desired replicas"
+    ),
+    printcolumn(
+        name = "Connections",
+        type_ = "integer",
+        json_path = ".status.connections",
+        description = "Websocket connections open over the ready pods (read from their /metrics)"
     ),
     printcolumn(
         name = "Endpoint",
@@ -163,10 +169,26 @@ pub struct BackendSpec {
     #[serde(default)]
     #[schemars(range(min = 0, max = 3600))]
     pub answer_reuse_seconds: i32,
+    /// Largest bootstrap answer read, bytes; past it the answer is not read
+    /// further and the user is refused (4401).
+    #[serde(default = "default_backend_max_body_bytes")]
+    #[schemars(range(min = 1024))]
+    pub max_body_bytes: i64,
+    /// Most allowed rooms one bootstrap answer may give a connection;
+    /// more refuses the user.
+    #[serde(default = "default_max_allowed_rooms")]
+    #[schemars(range(min = 1))]
+    pub max_allowed_rooms: i64,
 }
 
 fn default_coalesce() -> bool {
     gateway_defaults().backend.coalesce
+}
+fn default_backend_max_body_bytes() -> i64 {
+    gateway_defaults().backend.max_body_bytes as i64
+}
+fn default_max_allowed_rooms() -> i64 {
+    gateway_defaults().backend.max_allowed_rooms as i64
 }
 
 /// The backend circuit breaker, per gateway pod.
@@ -457,6 +479,40 @@ pub struct LimitsSpec {
     #[serde(default = "default_max_pending_connections")]
     #[schemars(range(min = 1))]
     pub max_pending_connections: i64,
+    /// Largest trigger body, bytes, from RabbitMQ and `POST /trigger`
+    /// alike (every replica parses every AMQP trigger); larger ones are
+    /// dropped (AMQP) or answered 413.
+    #[serde(default = "default_max_trigger_body_bytes")]
+    #[schemars(range(min = 64))]
+    pub max_trigger_body_bytes: i64,
+    /// Most rooms in one trigger, both sources; more is refused.
+    #[serde(default = "default_max_trigger_rooms")]
+    #[schemars(range(min = 1))]
+    pub max_trigger_rooms: i64,
+    /// Seconds a `POST /trigger` has to send its whole body; slower ones
+    /// are answered 408.
+    #[serde(default = "default_trigger_body_timeout")]
+    #[schemars(range(min = 1, max = 3600))]
+    pub trigger_body_timeout_seconds: i64,
+    /// `Saturated` turns true when a ready pod holds at least this
+    /// percentage of its connection limit (`maxConnections`, or less when
+    /// the pod's open-file limit is lower).
+    #[serde(default = "default_saturated_percent")]
+    #[schemars(range(min = 1, max = 100))]
+    pub saturated_percent: i64,
+}
+
+fn default_saturated_percent() -> i64 {
+    90
+}
+fn default_max_trigger_body_bytes() -> i64 {
+    gateway_defaults().trigger.max_body_bytes as i64
+}
+fn default_max_trigger_rooms() -> i64 {
+    gateway_defaults().trigger.max_rooms as i64
+}
+fn default_trigger_body_timeout() -> i64 {
+    gateway_defaults().trigger.body_timeout_seconds as i64
 }
 
 fn default_max_connections() -> i64 {
@@ -498,6 +554,10 @@ impl Default for LimitsSpec {
             send_buffer_bytes: default_send_buffer_bytes(),
             max_request_id_bytes: default_max_request_id_bytes(),
             max_connection_bytes: default_max_connection_bytes(),
+            max_trigger_body_bytes: default_max_trigger_body_bytes(),
+            max_trigger_rooms: default_max_trigger_rooms(),
+            trigger_body_timeout_seconds: default_trigger_body_timeout(),
+            saturated_percent: default_saturated_percent(),
             handshake_timeout_seconds: default_handshake_timeout(),
             max_pending_connections: default_max_pending_connections(),
         }
@@ -695,7 +755,33 @@ pub struct HighTemplarStatus {
     /// Label selector of the pods (scale subresource).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<String>,
-    /// `Ready`, `BrokerReady`, `Available`, `Degraded`.
+    /// Websocket connections open over the ready pods, from their
+    /// `/metrics` (the fleet scrape, every few seconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connections: Option<i64>,
+    /// Subscriptions held over the ready pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subscriptions: Option<i64>,
+    /// Ready pods consuming triggers from RabbitMQ now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consumers: Option<i64>,
+    /// The most connections one pod holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_pod_connections: Option<i64>,
+    /// Connections closed as slow consumers, summed over the ready pods
+    /// since each started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slow_consumer_closes: Option<i64>,
+    /// Ready pods whose `/metrics` was read in the last scrape.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scraped_pods: Option<i32>,
+    /// When the fleet figures above were read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_scrape_time: Option<Time>,
+    /// `Ready`, `BrokerReady`, `Available`, `Degraded` (written by the
+    /// reconciler) and `Saturated` (written by the fleet scrape). A map
+    /// keyed by `type`, so the two writers own their own entries.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
 }

@@ -5,9 +5,12 @@
 //!
 //! Only the families the status needs are read, line by line, so a pod's
 //! page costs O(its size) and nothing is kept of it:
-//! `hightemplar_connections_open`, `hightemplar_subscriptions_active`,
-//! `hightemplar_amqp_connected` and the slow-consumer closes of
-//! `hightemplar_disconnects_total{reason="slow_consumer"}`.
+//! `hightemplar_connections_open`, `hightemplar_connections_limit`,
+//! `hightemplar_subscriptions_active`, `hightemplar_amqp_connected` and the
+//! slow-consumer closes of
+//! `hightemplar_disconnects_total{reason="slow_consumer"}`. Four families
+//! of our own gateway's page do not need a general exposition parser (and
+//! its regex and time dependencies).
 
 use std::fmt;
 
@@ -16,6 +19,9 @@ use std::fmt;
 pub struct PodFigures {
     /// Websocket connections open now.
     pub connections: u64,
+    /// The most websocket connections the pod accepts (`None`: the page
+    /// does not say).
+    pub limit: Option<u64>,
     /// Subscriptions held now.
     pub subscriptions: u64,
     /// Consuming triggers from RabbitMQ now (`None`: the pod does not say,
@@ -74,6 +80,7 @@ pub fn parse_metrics(text: &str) -> Result<PodFigures, MetricsError> {
                 figures.connections = read()?;
                 saw_connections = true;
             }
+            "hightemplar_connections_limit" => figures.limit = Some(read()?),
             "hightemplar_subscriptions_active" => figures.subscriptions = read()?,
             "hightemplar_amqp_connected" => figures.amqp_connected = Some(read()? > 0),
             "hightemplar_disconnects_total" if has_label(labels, "reason", "slow_consumer") => {
@@ -95,8 +102,9 @@ fn count(value: &str) -> Option<u64> {
 /// Whether the label set `labels` (`a="x",b="y"`) has `key="value"`.
 fn has_label(labels: &str, key: &str, value: &str) -> bool {
     labels.split(',').any(|pair| {
-        pair.split_once('=')
-            .is_some_and(|(k, v)| k.trim() == key && v.trim().strip_prefix('"').and_then(|v| v.strip_suffix('"')) == Some(value))
+        pair.split_once('=').is_some_and(|(k, v)| {
+            k.trim() == key && v.trim().strip_prefix('"').and_then(|v| v.strip_suffix('"')) == Some(value)
+        })
     })
 }
 
@@ -125,9 +133,20 @@ pub struct FleetFigures {
     pub pods_read: u32,
     /// Pods whose page could not be fetched or read.
     pub pods_failed: u32,
+    /// The fullest pod's connections as a percentage of its limit (its
+    /// own `connections_limit`, else the limit given to [`FleetFigures::new`]).
+    pub max_fill_percent: u64,
+    /// The limit of a pod whose page gives none.
+    default_limit: u64,
 }
 
 impl FleetFigures {
+    /// No pods yet; `default_limit` is the connection limit of a pod whose
+    /// page gives none (the resource's `limits.maxConnections`).
+    pub fn new(default_limit: u64) -> FleetFigures {
+        FleetFigures { default_limit, ..FleetFigures::default() }
+    }
+
     /// Adds one pod's scrape outcome.
     pub fn add<E>(&mut self, pod: &Result<PodFigures, E>) {
         match pod {
@@ -138,15 +157,18 @@ impl FleetFigures {
                 self.consumers += u64::from(p.amqp_connected == Some(true));
                 self.max_pod_connections = self.max_pod_connections.max(p.connections);
                 self.slow_consumer_closes += p.slow_consumer_closes;
+                let limit = p.limit.unwrap_or(self.default_limit);
+                if let Some(fill) = p.connections.saturating_mul(100).checked_div(limit) {
+                    self.max_fill_percent = self.max_fill_percent.max(fill);
+                }
             }
             Err(_) => self.pods_failed += 1,
         }
     }
 
-    /// Whether some pod holds at least `fraction` of `max_connections`
-    /// (the gateway's `limits.maxConnections`).
-    pub fn saturated(&self, max_connections: u64, fraction: f64) -> bool {
-        max_connections > 0 && self.max_pod_connections as f64 >= fraction * max_connections as f64
+    /// Whether some pod holds at least `percent` % of its connection limit.
+    pub fn saturated(&self, percent: u64) -> bool {
+        self.pods_read > 0 && self.max_fill_percent >= percent
     }
 }
 
@@ -158,6 +180,7 @@ mod tests {
 # HELP hightemplar_connections_open Websocket connections open now.
 # TYPE hightemplar_connections_open gauge
 hightemplar_connections_open 1234
+hightemplar_connections_limit 18976
 # TYPE hightemplar_subscriptions_active gauge
 hightemplar_subscriptions_active 2468
 hightemplar_amqp_connected 1
@@ -173,7 +196,13 @@ hightemplar_connections_total 99999
         let figures = parse_metrics(PAGE).expect("a gateway page");
         assert_eq!(
             figures,
-            PodFigures { connections: 1234, subscriptions: 2468, amqp_connected: Some(true), slow_consumer_closes: 5 }
+            PodFigures {
+                connections: 1234,
+                limit: Some(18976),
+                subscriptions: 2468,
+                amqp_connected: Some(true),
+                slow_consumer_closes: 5
+            }
         );
     }
 
@@ -190,9 +219,21 @@ hightemplar_connections_total 99999
 
     #[test]
     fn sums_pods_and_counts_failures() {
-        let mut fleet = FleetFigures::default();
-        let a = PodFigures { connections: 10, subscriptions: 20, amqp_connected: Some(true), slow_consumer_closes: 1 };
-        let b = PodFigures { connections: 30, subscriptions: 5, amqp_connected: Some(false), slow_consumer_closes: 0 };
+        let mut fleet = FleetFigures::new(100);
+        let a = PodFigures {
+            connections: 10,
+            limit: Some(10),
+            subscriptions: 20,
+            amqp_connected: Some(true),
+            slow_consumer_closes: 1,
+        };
+        let b = PodFigures {
+            connections: 30,
+            limit: None,
+            subscriptions: 5,
+            amqp_connected: Some(false),
+            slow_consumer_closes: 0,
+        };
         fleet.add(&Ok::<_, ()>(a));
         fleet.add(&Ok::<_, ()>(b));
         fleet.add(&Err::<PodFigures, _>("timed out"));
@@ -206,10 +247,18 @@ hightemplar_connections_total 99999
                 slow_consumer_closes: 1,
                 pods_read: 2,
                 pods_failed: 1,
+                max_fill_percent: 100,
+                default_limit: 100,
             }
         );
-        assert!(fleet.saturated(32, 0.9));
-        assert!(!fleet.saturated(40, 0.9));
-        assert!(!fleet.saturated(0, 0.9), "no limit: never saturated");
+        assert!(fleet.saturated(90), "pod a is at its own limit");
+        let mut fleet = FleetFigures::new(100);
+        fleet.add(&Ok::<_, ()>(b));
+        assert_eq!(fleet.max_fill_percent, 30, "pod b has no limit gauge: the resource's limit counts");
+        assert!(!fleet.saturated(90));
+        assert!(!FleetFigures::new(100).saturated(1), "no pod read: not saturated, unknown");
+        let mut zero = FleetFigures::new(0);
+        zero.add(&Ok::<_, ()>(PodFigures { connections: 5, ..PodFigures::default() }));
+        assert_eq!(zero.max_fill_percent, 0, "no limit at all: no division");
     }
 }

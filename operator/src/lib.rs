@@ -27,6 +27,7 @@ pub mod fleet;
 pub mod metrics;
 pub mod rabbitmq;
 pub mod reconcile;
+pub mod scrape;
 pub mod status;
 
 use kube::CustomResourceExt;

@@ -59,6 +59,10 @@ struct RunArgs {
     /// This replica's identity in the Lease (default: POD_NAME or the hostname).
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
+    /// Seconds between fleet scrapes: each ready gateway pod's `/metrics`
+    /// is read and the sums written into its HighTemplar's status.
+    #[arg(long, env = "HT_FLEET_PERIOD_SECONDS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    fleet_period_seconds: u64,
 }
 
 async fn serve_metrics(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<()> {
@@ -97,7 +101,10 @@ async fn run(args: RunArgs) -> ExitCode {
             }
         })
     };
-    let settings = Settings { gateway_image: args.gateway_image.clone() };
+    let settings = Settings {
+        gateway_image: args.gateway_image.clone(),
+        fleet_period: std::time::Duration::from_secs(args.fleet_period_seconds),
+    };
     if !args.leader_election {
         metrics.leader.set(1);
         high_templar_operator::controller::run(client, args.namespace, settings, metrics, termination()).await;

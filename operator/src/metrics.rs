@@ -28,6 +28,18 @@ pub struct Metrics {
     pub duration: Histogram,
     /// 1 while this replica holds the leader Lease.
     pub leader: Gauge,
+    /// Gateway `/metrics` pages read by the fleet scrape, by outcome
+    /// (`read`, `failed`).
+    pub fleet_pages: Family<Outcome, Counter>,
+    /// Duration of one resource's fleet scrape (list pods, read pages), seconds.
+    pub fleet_scrape_duration: Histogram,
+}
+
+/// An `outcome` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Outcome {
+    /// What happened.
+    pub outcome: &'static str,
 }
 
 impl Default for Metrics {
@@ -48,7 +60,21 @@ impl Metrics {
         registry.register("reconcile_failures", "Failed reconciliations", failures.clone());
         registry.register("reconcile_duration_seconds", "Duration of reconciliations", duration.clone());
         registry.register("leader", "1 while this replica holds the leader Lease", leader.clone());
-        Metrics { registry, reconciliations, failures, duration, leader }
+        let fleet_pages = Family::default();
+        let fleet_scrape_duration = Histogram::new(exponential_buckets(0.001, 2.0, 14));
+        registry.register("fleet_pages", "Gateway /metrics pages read by the fleet scrape", fleet_pages.clone());
+        registry.register(
+            "fleet_scrape_duration_seconds",
+            "Duration of one resource's fleet scrape",
+            fleet_scrape_duration.clone(),
+        );
+        Metrics { registry, reconciliations, failures, duration, leader, fleet_pages, fleet_scrape_duration }
+    }
+
+    /// Records one resource's fleet scrape: pages read and failed.
+    pub fn fleet_pages(&self, read: u32, failed: u32) {
+        self.fleet_pages.get_or_create(&Outcome { outcome: "read" }).inc_by(u64::from(read));
+        self.fleet_pages.get_or_create(&Outcome { outcome: "failed" }).inc_by(u64::from(failed));
     }
 
     /// Records one reconciliation.

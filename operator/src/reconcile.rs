@@ -45,6 +45,8 @@ const RESYNC: Duration = Duration::from_secs(300);
 pub struct Settings {
     /// Gateway image when a resource names none.
     pub gateway_image: String,
+    /// Period of the fleet scrape (gateway pods' `/metrics` into the status).
+    pub fleet_period: Duration,
 }
 
 /// What every reconciliation shares.

@@ -9,6 +9,7 @@ use kube::ResourceExt;
 
 use crate::crd::{HighTemplar, HighTemplarStatus};
 use crate::desired;
+use crate::fleet::FleetFigures;
 
 /// The state of the RabbitMQ exchange.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -116,7 +117,79 @@ pub fn status(ht: &HighTemplar, observed: &Observed, now: Time) -> HighTemplarSt
         endpoint: Some(desired::endpoint(ht)),
         selector: Some(desired::selector_string(ht)),
         conditions,
+        // The fleet figures are the scrape's (its own field manager).
+        ..HighTemplarStatus::default()
     }
+}
+
+/// The fleet scrape's part of the status (its own field manager): the
+/// figures summed over the ready pods and the `Saturated` condition.
+/// `failure` is the first page that could not be read, if any.
+pub fn fleet_status(ht: &HighTemplar, figures: &FleetFigures, failure: Option<&str>, now: Time) -> serde_json::Value {
+    let previous = ht.status.as_ref().map(|s| s.conditions.as_slice()).unwrap_or_default();
+    let percent = u64::try_from(ht.spec.limits.saturated_percent).unwrap_or(90);
+    let read = figures.pods_read;
+    let tried = read + figures.pods_failed;
+    let failed = match failure {
+        Some(f) => format!("; {} of {tried} pods not read, e.g. {f}", figures.pods_failed),
+        None => String::new(),
+    };
+    let mut saturated = if figures.saturated(percent) {
+        condition(
+            previous,
+            "Saturated",
+            true,
+            "PodAboveThreshold",
+            format!(
+                "a pod holds {} % of its connection limit (threshold {percent} %; {} connections on the fullest pod){failed}",
+                figures.max_fill_percent, figures.max_pod_connections
+            ),
+            ht.metadata.generation,
+            &now,
+        )
+    } else if read == 0 && tried > 0 {
+        let mut c = condition(
+            previous,
+            "Saturated",
+            false,
+            "ScrapeFailed",
+            format!("no ready pod's /metrics could be read{failed}"),
+            ht.metadata.generation,
+            &now,
+        );
+        c.status = "Unknown".into();
+        c
+    } else {
+        condition(
+            previous,
+            "Saturated",
+            false,
+            if failure.is_some() { "ScrapeFailed" } else { "BelowThreshold" },
+            format!(
+                "the fullest of {read} ready pods holds {} % of its connection limit (threshold {percent} %){failed}",
+                figures.max_fill_percent
+            ),
+            ht.metadata.generation,
+            &now,
+        )
+    };
+    // `condition` keeps the transition time only for True/False.
+    if saturated.status == "Unknown"
+        && let Some(p) = previous.iter().find(|c| c.type_ == "Saturated" && c.status == "Unknown")
+    {
+        saturated.last_transition_time = p.last_transition_time.clone();
+    }
+    let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+    serde_json::json!({
+        "connections": count(figures.connections),
+        "subscriptions": count(figures.subscriptions),
+        "consumers": count(figures.consumers),
+        "maxPodConnections": count(figures.max_pod_connections),
+        "slowConsumerCloses": count(figures.slow_consumer_closes),
+        "scrapedPods": read,
+        "lastScrapeTime": now,
+        "conditions": [saturated],
+    })
 }
 
 /// The status of condition `type_`, if present.
@@ -183,6 +256,53 @@ mod tests {
         let s = status(&ht, &no_pods, at(1));
         assert_eq!(get(&s, "Ready").reason, "NoReplicasReady");
         assert_eq!(get(&s, "Available").message, "0 of 2 replicas ready");
+    }
+
+    #[test]
+    fn fleet_status_sums_and_saturates() {
+        use crate::fleet::PodFigures;
+        let ht = Fixture::new("chat").with(|s| s.limits.max_connections = 100).build();
+        let pod = |connections, limit| PodFigures {
+            connections,
+            limit,
+            subscriptions: 2 * connections,
+            amqp_connected: Some(true),
+            slow_consumer_closes: 1,
+        };
+        let mut fleet = FleetFigures::new(100);
+        fleet.add(&Ok::<_, ()>(pod(40, None)));
+        fleet.add(&Ok::<_, ()>(pod(10, Some(20))));
+        let s = fleet_status(&ht, &fleet, None, at(5));
+        assert_eq!(s["connections"], 50);
+        assert_eq!(s["subscriptions"], 100);
+        assert_eq!(s["consumers"], 2);
+        assert_eq!(s["maxPodConnections"], 40);
+        assert_eq!(s["scrapedPods"], 2);
+        assert_eq!(s["conditions"][0]["type"], "Saturated");
+        assert_eq!(s["conditions"][0]["status"], "False", "{s}");
+        assert_eq!(s["conditions"][0]["reason"], "BelowThreshold");
+
+        fleet.add(&Ok::<_, ()>(pod(18, Some(20))));
+        let s = fleet_status(&ht, &fleet, None, at(6));
+        assert_eq!(s["conditions"][0]["status"], "True", "18 of 20 is 90 %: {s}");
+        assert_eq!(s["conditions"][0]["reason"], "PodAboveThreshold");
+
+        let mut dead = FleetFigures::new(100);
+        dead.add(&Err::<PodFigures, _>(()));
+        let s = fleet_status(&ht, &dead, Some("GET http://10.0.0.1:8080/metrics: timed out"), at(7));
+        assert_eq!(s["conditions"][0]["status"], "Unknown");
+        assert_eq!(s["conditions"][0]["reason"], "ScrapeFailed");
+        assert!(s["conditions"][0]["message"].as_str().is_some_and(|m| m.contains("timed out")), "{s}");
+
+        let mut some = FleetFigures::new(100);
+        some.add(&Ok::<_, ()>(pod(1, None)));
+        some.add(&Err::<PodFigures, _>(()));
+        let s = fleet_status(&ht, &some, Some("refused"), at(8));
+        assert_eq!(
+            (s["conditions"][0]["status"].as_str(), s["conditions"][0]["reason"].as_str()),
+            (Some("False"), Some("ScrapeFailed"))
+        );
+        assert_eq!(s["connections"], 1, "the pods read still count");
     }
 
     #[test]

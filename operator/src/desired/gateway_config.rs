@@ -81,6 +81,9 @@ pub fn gateway_config(spec: &HighTemplarSpec) -> Config {
     c.backend.admission.max_queued = usize::try_from(admission.max_queued).unwrap_or(c.backend.admission.max_queued);
     c.backend.admission.max_wait_seconds = admission.max_wait_seconds as f64;
     c.backend.coalesce = spec.backend.coalesce;
+    c.backend.max_body_bytes = usize::try_from(spec.backend.max_body_bytes).unwrap_or(c.backend.max_body_bytes);
+    c.backend.max_allowed_rooms =
+        usize::try_from(spec.backend.max_allowed_rooms).unwrap_or(c.backend.max_allowed_rooms);
     c.backend.answer_reuse.seconds = f64::from(spec.backend.answer_reuse_seconds);
     c.backend.tls = tls_config("backend", spec.backend.tls.as_ref());
     let breaker = &spec.backend.circuit_breaker;
@@ -111,6 +114,9 @@ pub fn gateway_config(spec: &HighTemplarSpec) -> Config {
     c.limits.max_request_id_bytes =
         usize::try_from(limits.max_request_id_bytes).unwrap_or(c.limits.max_request_id_bytes);
     c.limits.handshake_timeout_seconds = limits.handshake_timeout_seconds as f64;
+    c.trigger.max_body_bytes = usize::try_from(limits.max_trigger_body_bytes).unwrap_or(c.trigger.max_body_bytes);
+    c.trigger.max_rooms = usize::try_from(limits.max_trigger_rooms).unwrap_or(c.trigger.max_rooms);
+    c.trigger.body_timeout_seconds = limits.trigger_body_timeout_seconds as f64;
     c.limits.max_pending_connections =
         usize::try_from(limits.max_pending_connections).unwrap_or(c.limits.max_pending_connections);
     c.shutdown.drain_delay_seconds = f64::from(spec.shutdown.drain_delay_seconds);

@@ -28,6 +28,8 @@ impl Fixture {
                 circuit_breaker: Default::default(),
                 coalesce: true,
                 answer_reuse_seconds: 0,
+                max_body_bytes: 4 << 20,
+                max_allowed_rooms: 10_000,
                 tls: None,
             },
             rabbitmq: None,
@@ -116,6 +118,11 @@ fn config_map_is_a_valid_gateway_config() {
             s.limits.max_request_id_bytes = 64;
             s.limits.handshake_timeout_seconds = 7;
             s.limits.max_pending_connections = 99;
+            s.limits.max_trigger_body_bytes = 4096;
+            s.limits.max_trigger_rooms = 12;
+            s.limits.trigger_body_timeout_seconds = 4;
+            s.backend.max_body_bytes = 65536;
+            s.backend.max_allowed_rooms = 77;
             s.backend.admission.max_concurrent = 16;
             s.backend.answer_reuse_seconds = 3;
             s.backend.circuit_breaker.failure_percent = 25;
@@ -142,6 +149,11 @@ fn config_map_is_a_valid_gateway_config() {
     assert_eq!(config.limits.max_request_id_bytes, 64);
     assert_eq!(config.limits.handshake_timeout_seconds, 7.0);
     assert_eq!(config.limits.max_pending_connections, 99);
+    assert_eq!(config.trigger.max_body_bytes, 4096);
+    assert_eq!(config.trigger.max_rooms, 12);
+    assert_eq!(config.trigger.body_timeout_seconds, 4.0);
+    assert_eq!(config.backend.max_body_bytes, 65536);
+    assert_eq!(config.backend.max_allowed_rooms, 77);
     assert_eq!(config.backend.admission.max_concurrent, 16);
     assert_eq!(config.backend.answer_reuse.seconds, 3.0);
     assert_eq!(config.backend.admission.max_wait_seconds, 5.0);

@@ -18,7 +18,7 @@ use high_templar_e2e::backend::Backend;
 use high_templar_e2e::node::Node;
 use high_templar_e2e::ws::{self, AmqpPublisher, Prober, Reconnecting};
 use high_templar_e2e::{create_namespace, eventually_within, repo_root};
-use high_templar_operator::crd::HighTemplar;
+use high_templar_operator::crd::{HighTemplar, HighTemplarStatus};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Pod, Secret, Service};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
@@ -161,6 +161,26 @@ async fn wait_ready_replicas(client: &Client, ns: &str, name: &str, n: usize) ->
 }
 
 /// `<ClusterIP>:<port>` of Service `name`.
+/// The status of HighTemplar `name` in `default` once `done` holds (the
+/// fleet scrape runs every 10 s).
+async fn wait_fleet(
+    client: &Client,
+    name: &str,
+    what: &str,
+    done: impl Fn(&HighTemplarStatus) -> bool,
+) -> HighTemplarStatus {
+    let api = Api::<HighTemplar>::namespaced(client.clone(), "default");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let status = api.get(name).await.expect("the HighTemplar").status.unwrap_or_default();
+        if done(&status) {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "fleet status of {name}: not {what} after 60 s: {status:?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 async fn service_addr(client: &Client, ns: &str, name: &str) -> String {
     let svc = Api::<Service>::namespaced(client.clone(), ns).get(name).await.expect("the gateway Service");
     let spec = svc.spec.expect("Service spec");
@@ -395,10 +415,13 @@ async fn readme_install_serves_clients_through_the_service() {
     }
 
     let gateways = wait_ready_replicas(&client, "default", "chat", 2).await;
+    // The fleet scrape (operator pod → gateway pods' /metrics) fills the
+    // CONNECTIONS column.
+    wait_fleet(&client, "chat", "both pods scraped", |s| s.scraped_pods == Some(2)).await;
     let table = node.kubectl(&["get", "ht", "chat"]);
     println!("{table}");
     let row: Vec<&str> = table.lines().nth(1).expect("a row").split_whitespace().collect();
-    assert_eq!(&row[..4], ["chat", "True", "2/2", "ws://chat.default.svc:80/ws/"], "{table}");
+    assert_eq!(&row[..5], ["chat", "True", "2/2", "0", "ws://chat.default.svc:80/ws/"], "{table}");
     let status = Api::<HighTemplar>::namespaced(client.clone(), "default").get("chat").await.expect("ht").status;
     let status = status.expect("status");
     let condition = |t: &str| {
@@ -452,6 +475,16 @@ async fn readme_install_serves_clients_through_the_service() {
         expected.push(data);
     }
     every_client_got(&clients, &vec![0; clients.len()], &expected).await;
+    // Seven connections (one per pod IP, three through the Service, `ws`):
+    // the status sums them over the three pods, each pod consuming.
+    let fleet = wait_fleet(&client, "chat", "7 connections", |s| s.connections == Some(7)).await;
+    assert_eq!((fleet.subscriptions, fleet.consumers, fleet.scraped_pods), (Some(7), Some(3), Some(3)), "{fleet:?}");
+    assert!(fleet.max_pod_connections.is_some_and(|m| (2..=5).contains(&m)), "{fleet:?}");
+    let saturated = fleet.conditions.iter().find(|c| c.type_ == "Saturated").expect("a Saturated condition");
+    assert_eq!((saturated.status.as_str(), saturated.reason.as_str()), ("False", "BelowThreshold"), "{saturated:?}");
+    let table = node.kubectl(&["get", "ht", "chat"]);
+    println!("{table}");
+    assert_eq!(table.lines().nth(1).expect("a row").split_whitespace().nth(3), Some("7"), "{table}");
     for c in clients {
         let seen = c.stop().await;
         assert!(seen.failed_connects.is_empty() && seen.other_ends.is_empty(), "{seen:?}");

@@ -46,7 +46,10 @@ impl Env {
 
     fn start_controller(&mut self) {
         let (stop, stopped) = oneshot::channel::<()>();
-        let settings = Settings { gateway_image: "high-templar-gateway:test".into() };
+        let settings = Settings {
+            gateway_image: "high-templar-gateway:test".into(),
+            fleet_period: std::time::Duration::from_secs(1),
+        };
         self.controller = Some(tokio::spawn(high_templar_operator::controller::run(
             self.client.clone(),
             Some(self.ns.clone()),
