@@ -125,6 +125,13 @@ impl FleetScraper {
         let list = pods.list(&ListParams::default().labels(&desired::selector_string(ht))).await?;
         let urls: Vec<String> = list.items.iter().filter_map(metrics_url).collect();
         let default_limit = u64::try_from(ht.spec.limits.max_connections).unwrap_or(0);
+        Ok(self.pages(urls, default_limit).await)
+    }
+
+    /// The pages at `urls`, at most [`CONCURRENCY`] at once: the sums, and
+    /// the first failure's message. `default_limit` is the connection
+    /// limit of a pod whose page gives none.
+    pub async fn pages(&self, urls: Vec<String>, default_limit: u64) -> (FleetFigures, Option<String>) {
         let mut figures = FleetFigures::new(default_limit);
         let mut first_failure = None;
         let mut pages =
@@ -135,7 +142,7 @@ impl FleetScraper {
             }
             figures.add(&page);
         }
-        Ok((figures, first_failure))
+        (figures, first_failure)
     }
 }
 
