@@ -32,13 +32,7 @@ async fn gateway_with_nofile(
         .kill_on_drop(true)
         .spawn()
         .expect("spawn the gateway under prlimit (util-linux; apt-get install util-linux)");
-    let mut stderr = child.stderr.take().expect("stderr piped");
-    let logs = tokio::spawn(async move {
-        use tokio::io::AsyncReadExt;
-        let mut logs = String::new();
-        let _ = stderr.read_to_string(&mut logs).await;
-        logs
-    });
+    let logs = common::collect_stderr(&mut child);
     let base = common::wait_process_ready(port).await;
     (child, port, base, logs)
 }
@@ -79,13 +73,13 @@ async fn websockets_past_the_open_file_limit_get_503_and_accepts_never_fail() {
     assert!(refused.iter().all(|&s| s == 503), "past the limit: 503, not a failed accept: {refused:?}");
     assert_eq!(refused.len(), 230 - 192);
     // Full, the process still answers its probes and metrics.
-    let (status, metrics) = http_get_maybe(&format!("{base}/metrics")).await;
+    let (status, metrics) = metrics_page(&base).await;
     assert_eq!(status, Some(200), "/metrics of a full gateway");
     assert_eq!(common::metric_value(&metrics, "hightemplar_accept_errors_total"), 0.0);
     assert_eq!(common::metric_value(&metrics, "hightemplar_connections_open"), 192.0);
     drop(clients);
     common::eventually("the closed websockets are released", || async {
-        let (status, metrics) = http_get_maybe(&format!("{base}/metrics")).await;
+        let (status, metrics) = metrics_page(&base).await;
         status == Some(200) && common::metric_value(&metrics, "hightemplar_connections_open") == 0.0
     })
     .await;
@@ -131,7 +125,7 @@ async fn failed_accepts_are_counted_logged_once_per_interval_and_recovered_from(
     // Let the websockets go; the gateway accepts again and tells what happened.
     drop(clients);
     common::eventually("the gateway serves again and counted the failed accepts", || async {
-        let (status, metrics) = http_get_maybe(&format!("{base}/metrics")).await;
+        let (status, metrics) = metrics_page(&base).await;
         status == Some(200) && common::metric_value(&metrics, "hightemplar_accept_errors_total") > 0.0
     })
     .await;
@@ -145,30 +139,11 @@ async fn failed_accepts_are_counted_logged_once_per_interval_and_recovered_from(
     assert!(lines.len() <= 2, "at most a line per 10 s, not one per failed accept: {lines:?}");
 }
 
-/// GET that tolerates a refused or reset connection (the process is out of
-/// descriptors): (status, body).
-async fn http_get_maybe(url: &str) -> (Option<u16>, String) {
-    let fetch = async {
-        let response = reqwest_like_get(url).await?;
-        Some(response)
-    };
-    match tokio::time::timeout(std::time::Duration::from_secs(2), fetch).await {
-        Ok(Some((status, body))) => (Some(status), body),
-        _ => (None, String::new()),
+/// `/metrics` within 2 s: (status, page), `(None, "")` when the gateway
+/// could not accept or answer (out of descriptors).
+async fn metrics_page(base: &str) -> (Option<u16>, String) {
+    match common::try_http_get(&format!("{base}/metrics"), std::time::Duration::from_secs(2)).await {
+        Some((status, page)) => (Some(status), page),
+        None => (None, String::new()),
     }
-}
-
-/// A bare HTTP/1.1 GET over TCP: `common::http_get` panics on I/O errors.
-async fn reqwest_like_get(url: &str) -> Option<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let rest = url.strip_prefix("http://")?;
-    let (host, path) = rest.split_once('/').map(|(h, p)| (h, format!("/{p}")))?;
-    let mut tcp = tokio::net::TcpStream::connect(host).await.ok()?;
-    tcp.write_all(format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes()).await.ok()?;
-    let mut raw = Vec::new();
-    tcp.read_to_end(&mut raw).await.ok()?;
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let status = text.split(' ').nth(1)?.parse().ok()?;
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-    Some((status, body))
 }

@@ -66,14 +66,7 @@ async fn trace_logs_hold_no_credentials_no_body_contents_and_few_lines() {
         .spawn()
         .expect("spawn gateway");
     // Read as it comes: trace output would fill the pipe and block the gateway.
-    let stderr = child.stderr.take().expect("stderr piped");
-    let logs = tokio::spawn(async move {
-        use tokio::io::AsyncReadExt;
-        let mut logs = String::new();
-        let mut stderr = stderr;
-        let _ = stderr.read_to_string(&mut logs).await;
-        logs
-    });
+    let logs = common::collect_stderr(&mut child);
     let base = common::wait_process_ready(port).await;
 
     // A browser-like client: cookie and token through the upgrade, a

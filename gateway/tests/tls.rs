@@ -269,7 +269,6 @@ async fn an_https_backend_requiring_a_client_certificate() {
 /// named, the password nowhere.
 #[tokio::test]
 async fn the_binary_logs_tls_failures_by_name_and_never_the_password() {
-    use tokio::io::AsyncReadExt;
     let _dir = rabbitmq_tls_dir();
     let files = TempDir::new("tls-binary");
     let (backend_ca, port) = https_backend(&files, None).await;
@@ -290,12 +289,7 @@ async fn the_binary_logs_tls_failures_by_name_and_never_the_password() {
         .kill_on_drop(true)
         .spawn()
         .expect("start the binary");
-    let mut stderr = child.stderr.take().expect("stderr");
-    let logs = tokio::spawn(async move {
-        let mut logs = String::new();
-        let _ = stderr.read_to_string(&mut logs).await;
-        logs
-    });
+    let logs = common::collect_stderr(&mut child);
     let base = format!("http://127.0.0.1:{gw_port}");
     common::eventually("the binary answers /readyz 503 naming the TLS failure", || async {
         std::net::TcpStream::connect(("127.0.0.1", gw_port)).is_ok()

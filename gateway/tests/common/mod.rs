@@ -348,29 +348,58 @@ impl Client {
 
 /// A raw HTTP/1.1 request over loopback; returns status and body.
 async fn http_request(method: &str, url: &str, headers: &[(&str, String)], body: Vec<u8>) -> (u16, String) {
+    try_http_request(method, url, headers, body).await.unwrap_or_else(|e| panic!("{method} {url}: {e}"))
+}
+
+/// [`http_request`] that reports a refused, reset or silent connection
+/// (a server out of descriptors, say) instead of panicking.
+async fn try_http_request(
+    method: &str,
+    url: &str,
+    headers: &[(&str, String)],
+    body: Vec<u8>,
+) -> Result<(u16, String), String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let rest = url.strip_prefix("http://").expect("http url");
+    let rest = url.strip_prefix("http://").ok_or("not an http:// URL")?;
     let (host, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-    let mut stream = TcpStream::connect(host).await.expect("connect");
+    let mut stream = TcpStream::connect(host).await.map_err(|e| format!("connect: {e}"))?;
     let mut head =
         format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
     for (k, v) in headers {
         head.push_str(&format!("{k}: {v}\r\n"));
     }
     head.push_str("\r\n");
-    stream.write_all(head.as_bytes()).await.expect("write head");
+    stream.write_all(head.as_bytes()).await.map_err(|e| format!("write head: {e}"))?;
     // The server may answer (413) before reading a large body; ignore the write error then.
     let _ = stream.write_all(&body).await;
     let mut raw = Vec::new();
-    let _ = tokio::time::timeout(WAIT, stream.read_to_end(&mut raw)).await.expect("response in time");
+    let _ = tokio::time::timeout(WAIT, stream.read_to_end(&mut raw)).await.map_err(|_| "no response in time")?;
     let text = String::from_utf8_lossy(&raw).to_string();
     let status = text
         .split_whitespace()
         .nth(1)
         .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no HTTP status in {text:?}"));
+        .ok_or_else(|| format!("no HTTP status in {text:?}"))?;
     let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-    (status, body)
+    Ok((status, body))
+}
+
+/// GET within `deadline`; `None` when the connection is refused, reset or
+/// not answered in time.
+pub async fn try_http_get(url: &str, deadline: Duration) -> Option<(u16, String)> {
+    tokio::time::timeout(deadline, try_http_request("GET", url, &[], Vec::new())).await.ok()?.ok()
+}
+
+/// Everything a child's piped stderr says, read as it comes (a full pipe
+/// would block the child); the task ends when the child exits.
+pub fn collect_stderr(child: &mut tokio::process::Child) -> tokio::task::JoinHandle<String> {
+    use tokio::io::AsyncReadExt;
+    let mut stderr = child.stderr.take().expect("stderr piped");
+    tokio::spawn(async move {
+        let mut logs = String::new();
+        let _ = stderr.read_to_string(&mut logs).await;
+        logs
+    })
 }
 
 pub async fn http_get(url: &str) -> (u16, String) {
