@@ -45,7 +45,20 @@ fn condition(
     generation: Option<i64>,
     now: &Time,
 ) -> Condition {
-    let status = if ok { "True" } else { "False" };
+    condition_with(previous, type_, if ok { "True" } else { "False" }, reason, message, generation, now)
+}
+
+/// A condition of status `status` (`True`, `False`, `Unknown`), keeping
+/// the previous `lastTransitionTime` while the status is unchanged.
+fn condition_with(
+    previous: &[Condition],
+    type_: &str,
+    status: &str,
+    reason: &str,
+    message: String,
+    generation: Option<i64>,
+    now: &Time,
+) -> Condition {
     let last_transition_time = previous
         .iter()
         .find(|c| c.type_ == type_ && c.status == status)
@@ -134,51 +147,28 @@ pub fn fleet_status(ht: &HighTemplar, figures: &FleetFigures, failure: Option<&s
         Some(f) => format!("; {} of {tried} pods not read, e.g. {f}", figures.pods_failed),
         None => String::new(),
     };
-    let mut saturated = if figures.saturated(percent) {
-        condition(
-            previous,
-            "Saturated",
-            true,
+    let (status, reason, message) = if figures.saturated(percent) {
+        (
+            "True",
             "PodAboveThreshold",
             format!(
                 "a pod holds {} % of its connection limit (threshold {percent} %; {} connections on the fullest pod){failed}",
                 figures.max_fill_percent, figures.max_pod_connections
             ),
-            ht.metadata.generation,
-            &now,
         )
     } else if read == 0 && tried > 0 {
-        let mut c = condition(
-            previous,
-            "Saturated",
-            false,
-            "ScrapeFailed",
-            format!("no ready pod's /metrics could be read{failed}"),
-            ht.metadata.generation,
-            &now,
-        );
-        c.status = "Unknown".into();
-        c
+        ("Unknown", "ScrapeFailed", format!("no ready pod's /metrics could be read{failed}"))
     } else {
-        condition(
-            previous,
-            "Saturated",
-            false,
+        (
+            "False",
             if failure.is_some() { "ScrapeFailed" } else { "BelowThreshold" },
             format!(
                 "the fullest of {read} ready pods holds {} % of its connection limit (threshold {percent} %){failed}",
                 figures.max_fill_percent
             ),
-            ht.metadata.generation,
-            &now,
         )
     };
-    // `condition` keeps the transition time only for True/False.
-    if saturated.status == "Unknown"
-        && let Some(p) = previous.iter().find(|c| c.type_ == "Saturated" && c.status == "Unknown")
-    {
-        saturated.last_transition_time = p.last_transition_time.clone();
-    }
+    let saturated = condition_with(previous, "Saturated", status, reason, message, ht.metadata.generation, &now);
     let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
     serde_json::json!({
         "connections": count(figures.connections),
