@@ -447,6 +447,24 @@ impl BootstrapClient {
 mod tests {
     use super::*;
 
+    #[test]
+    fn every_outcome_is_preset_in_the_metrics() {
+        use crate::admission::Refused;
+        let errors = [
+            BootstrapError::Denied(StatusCode::FORBIDDEN),
+            BootstrapError::InvalidBody("x"),
+            BootstrapError::Unavailable("x".into()),
+            BootstrapError::CircuitOpen,
+            BootstrapError::Busy(Refused::QueueFull),
+        ];
+        for e in errors {
+            assert!(crate::metrics::AUTH_OUTCOMES.contains(&e.outcome()), "{} not preset", e.outcome());
+        }
+        for r in [Refused::QueueFull, Refused::Timeout] {
+            assert!(crate::metrics::REFUSAL_REASONS.contains(&r.reason()), "{} not preset", r.reason());
+        }
+    }
+
     fn parse_bootstrap_(body: &[u8]) -> Result<Vec<Room>, BootstrapError> {
         parse_bootstrap(body, 100)
     }

@@ -45,6 +45,18 @@ pub struct TlsFailureLabels {
     pub reason: &'static str,
 }
 
+/// `auth_total{outcome}`: `authorized` and every `BootstrapError::outcome`.
+pub const AUTH_OUTCOMES: &[&str] = &["authorized", "denied", "invalid_body", "unavailable", "circuit_open", "busy"];
+/// `permission_refreshes_total{outcome}`.
+pub const REFRESH_OUTCOMES: &[&str] = &["unchanged", "revoked", "denied", "failed"];
+/// `connections_refused_total{reason}`: the upgrade's refusals
+/// (`http::websocket`) and admission's (`admission::Refused::reason`).
+pub const REFUSAL_REASONS: &[&str] =
+    &["origin", "draining", "max_connections", "admission_queue_full", "admission_timeout"];
+/// `disconnects_total{reason}` of the closes operators watch: slow
+/// consumers, memory budget, revoked permissions, idle clients.
+pub const DISCONNECT_REASONS: &[&str] = &["slow_consumer", "over_budget", "permission_revoked", "idle"];
+
 /// Every metric of one gateway process.
 pub struct Metrics {
     /// The registry the families below are registered in.
@@ -110,6 +122,9 @@ pub struct Metrics {
     pub backend_latency: Histogram,
     /// Duration of one trigger's fan-out (index lookup and queueing), seconds.
     pub fanout_latency: Histogram,
+    /// 1 when triggers come from RabbitMQ (`broker: amqp`), so an alert on
+    /// `amqp_connected` leaves memory-broker gateways alone.
+    pub amqp_configured: Gauge,
     /// 1 while consuming from RabbitMQ (amqp broker only).
     pub amqp_connected: Gauge,
     /// Reconnection attempts to RabbitMQ.
@@ -160,6 +175,7 @@ impl Metrics {
             backend_latency: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
             // 10 µs .. ~0.3 s
             fanout_latency: Histogram::new(exponential_buckets(0.00001, 2.0, 15)),
+            amqp_configured: Gauge::default(),
             amqp_connected: Gauge::default(),
             amqp_reconnects: Counter::default(),
             tls_failures: Family::default(),
@@ -251,6 +267,7 @@ impl Metrics {
             "Duration of one trigger's fan-out to the connection queues",
             m.fanout_latency.clone(),
         );
+        r.register("amqp_configured", "1 when triggers come from RabbitMQ (broker: amqp)", m.amqp_configured.clone());
         r.register("amqp_connected", "1 while consuming triggers from RabbitMQ", m.amqp_connected.clone());
         r.register("amqp_reconnects", "Reconnection attempts to RabbitMQ", m.amqp_reconnects.clone());
         r.register(
@@ -258,7 +275,39 @@ impl Metrics {
             "Connections to the broker or the backend that failed in TLS (unknown CA, hostname mismatch, ...)",
             m.tls_failures.clone(),
         );
-        Metrics { registry, ..m }
+        let m = Metrics { registry, ..m };
+        m.preset();
+        m
+    }
+
+    /// Creates, at zero, the labelled series that dashboards and alerts
+    /// select on. A series that first appears at 1 hides that first event
+    /// from `rate()` and `increase()`, and a query over a family with no
+    /// series returns nothing rather than 0, so an alert on a rare event
+    /// (a slow consumer, a failing backend) would miss its first burst.
+    fn preset(&self) {
+        let reasons = |family: &Family<Reason, Counter>, reasons: &[&'static str]| {
+            for &reason in reasons {
+                let _ = family.get_or_create(&Reason { reason });
+            }
+        };
+        for &outcome in AUTH_OUTCOMES {
+            let _ = self.auth.get_or_create(&Outcome { outcome });
+        }
+        for &outcome in REFRESH_OUTCOMES {
+            let _ = self.permission_refreshes.get_or_create(&Outcome { outcome });
+        }
+        for source in ["http", "amqp"] {
+            let _ = self.triggers.get_or_create(&TriggerSource { source });
+        }
+        for action in ["refresh", "disconnect"] {
+            let _ = self.controls.get_or_create(&ActionLabel { action });
+        }
+        reasons(&self.connections_refused, REFUSAL_REASONS);
+        reasons(&self.http_connections_closed, &["pending_limit", "header_timeout", "write_stalled"]);
+        reasons(&self.triggers_rejected, &["unauthorized", "too_large", "not_json", "invalid_room"]);
+        reasons(&self.messages_dropped, &["slow_consumer"]);
+        reasons(&self.disconnects, DISCONNECT_REASONS);
     }
 
     /// The text exposition of every metric.
@@ -267,5 +316,25 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn alerted_series_exist_at_zero_before_any_event() {
+        let page = Metrics::new().encode();
+        for line in [
+            r#"hightemplar_disconnects_total{reason="slow_consumer"} 0"#,
+            r#"hightemplar_messages_dropped_total{reason="slow_consumer"} 0"#,
+            r#"hightemplar_auth_total{outcome="unavailable"} 0"#,
+            r#"hightemplar_connections_refused_total{reason="admission_queue_full"} 0"#,
+            r#"hightemplar_triggers_total{source="amqp"} 0"#,
+            "hightemplar_amqp_configured 0",
+        ] {
+            assert!(page.lines().any(|l| l == line), "missing {line:?} in\n{page}");
+        }
     }
 }

@@ -664,3 +664,15 @@ async fn serve(
     );
     debug!(queued_left = queue.len(), "session ended");
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_closes_operators_watch_are_preset_in_the_metrics() {
+        for stop in [Stop::SlowConsumer, Stop::Revoked, Stop::Idle] {
+            assert!(crate::metrics::DISCONNECT_REASONS.contains(&stop.label()), "{} not preset", stop.label());
+        }
+    }
+}

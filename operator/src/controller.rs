@@ -10,8 +10,8 @@ use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::reflector::ObjectRef;
-use kube::runtime::{Controller, watcher};
+use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::{Controller, Predicate, WatchStreamExt, predicates, watcher};
 use kube::{Api, Client, ResourceExt};
 use tracing::{debug, info};
 
@@ -51,12 +51,21 @@ pub async fn run(
         settings.clone(),
     ));
     let config = watcher::Config::default();
-    let controller = Controller::new(api::<HighTemplar>(&client, ns), config.clone());
-    let store = controller.store();
+    // Only changes of the spec (generation; deletion bumps it too) and of
+    // the finalizers reach the reconciler: status-only changes (its own
+    // status patches, the fleet figures written every fleet period) would
+    // re-apply every object and re-declare the exchange each time. Owned
+    // objects, referenced Secrets and the periodic resync still trigger it.
+    let (store, writer) = reflector::store();
+    let resources = watcher(api::<HighTemplar>(&client, ns), config.clone())
+        .default_backoff()
+        .reflect(writer)
+        .applied_objects()
+        .predicate_filter(predicates::generation.combine(predicates::finalizers), Default::default());
+    let controller = Controller::for_stream(resources, store.clone());
     // The fleet scrape lives as long as the controller (it stops with
     // leadership).
-    let fleet =
-        tokio::spawn(crate::scrape::run(client.clone(), controller.store(), settings.fleet_period, metrics.clone()));
+    let fleet = tokio::spawn(crate::scrape::run(client.clone(), store.clone(), settings.fleet_period, metrics.clone()));
     info!(namespace = ns.unwrap_or("<all>"), "high-templar operator controller starting");
     controller
         .owns(api::<ConfigMap>(&client, ns), config.clone())

@@ -11,15 +11,21 @@
 //! - [`status`]: conditions from what a reconciliation observed.
 //! - [`fleet`]: a gateway pod's load from its `/metrics` page, and the sum
 //!   over a resource's pods (#14: status figures, saturation).
+//! - [`autoscale`]: the replica count connections per pod call for
+//!   (HPA-like rules: immediate step-limited scale-up, scale-down after a
+//!   stabilisation window), and pod-deletion costs. Not wired to the
+//!   resource yet (#14 item 2).
 //!
 //! I/O at the edges:
 //! - [`reconcile`]: `Context`, `reconcile`, `error_policy`, finalizer.
 //! - [`rabbitmq`]: declaring and deleting the exchange.
 //! - [`controller`]: watches (owned objects, referenced Secrets) and the run loop.
+//! - [`scrape`]: the fleet scrape (gateway pods' `/metrics` into the status).
 //! - [`metrics`]: operator metrics.
 
 #![forbid(unsafe_code)]
 
+pub mod autoscale;
 pub mod controller;
 pub mod crd;
 pub mod desired;

@@ -35,6 +35,20 @@ pub struct Metrics {
     pub fleet_scrape_duration: Histogram,
 }
 
+/// `reconcile_failures_total{reason}`: every `reconcile::Error::reason`.
+pub const FAILURE_REASONS: &[&str] = &[
+    "ApplyFailed",
+    "SecretMissing",
+    "NoNamespace",
+    "InvalidURL",
+    "InvalidTLSSecret",
+    "TLSError",
+    "AccessRefused",
+    "Unreachable",
+    "PreconditionFailed",
+    "BrokerError",
+];
+
 /// An `outcome` label.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Outcome {
@@ -68,6 +82,15 @@ impl Metrics {
             "Duration of one resource's fleet scrape",
             fleet_scrape_duration.clone(),
         );
+        // At zero from the start: a series that first appears at 1 hides
+        // that first failure from `rate()`, so the reconcile-errors alert
+        // would miss it.
+        for &reason in FAILURE_REASONS {
+            let _ = failures.get_or_create(&Reason { reason });
+        }
+        for outcome in ["read", "failed"] {
+            let _ = fleet_pages.get_or_create(&Outcome { outcome });
+        }
         Metrics { registry, reconciliations, failures, duration, leader, fleet_pages, fleet_scrape_duration }
     }
 

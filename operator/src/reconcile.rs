@@ -393,6 +393,27 @@ mod tests {
     use super::*;
 
     #[test]
+    fn every_failure_reason_is_preset_in_the_metrics() {
+        use rabbitmq::TopologyError as T;
+        let s = String::new;
+        let broker = [
+            T::InvalidUrl,
+            T::TlsWithoutAmqps,
+            T::TlsConfig(s()),
+            T::Tls(s()),
+            T::AccessRefused(s()),
+            T::Unreachable(s()),
+            T::PreconditionFailed(s()),
+            T::Other(s()),
+        ];
+        let mut reasons: Vec<&str> = broker.into_iter().map(|e| Error::Broker(e).reason()).collect();
+        reasons.extend([Error::SecretMissing(s()).reason(), Error::NoNamespace.reason(), "ApplyFailed"]);
+        for reason in reasons {
+            assert!(crate::metrics::FAILURE_REASONS.contains(&reason), "{reason} not preset");
+        }
+    }
+
+    #[test]
     fn backoff_doubles_and_caps() {
         assert_eq!(backoff(1), Duration::from_secs(1));
         assert_eq!(backoff(2), Duration::from_secs(2));

@@ -3,9 +3,11 @@
 #   kube-apiserver, kube-controller-manager, kubectl  (k8s.io/kubernetes, go/kube-apiserver)
 #   etcd                                              (go.etcd.io/etcd/server/v3, go/etcd)
 #   helm                                              (helm.sh/helm/v3, go/helm)
+#   promtool                                          (github.com/prometheus/prometheus, go/prometheus)
 # and, for the single-node cluster of tests/node/ (not built by default):
 #   kubelet, kube-proxy, kube-scheduler               (k8s.io/kubernetes, go/kube-apiserver)
 #   coredns                                           (github.com/coredns/coredns, go/coredns)
+#   prometheus                                        (github.com/prometheus/prometheus, go/prometheus)
 #   pause         the sandbox image, an OCI archive   (../node/pause)
 # Everything comes from the Go module proxy; binaries land in
 #   ${HT_CACHE:-$HOME/.cache/high-templar}/<tool>-<version>/<tool>
@@ -13,7 +15,7 @@
 # everything is cached already. Also installs the Debian packages that
 # start.sh needs (openssl, curl) when they are missing.
 #
-# Usage: ensure-tools.sh [TOOL...]      (default: the five control-plane tools;
+# Usage: ensure-tools.sh [TOOL...]      (default: the six control-plane tools;
 #                                       `node` = everything tests/node/start.sh runs)
 #        ensure-tools.sh --print-env    (print shell exports of the binary paths, build nothing)
 set -euo pipefail
@@ -21,8 +23,8 @@ set -euo pipefail
 # shellcheck source=lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-ALL_TOOLS=(kube-apiserver kube-controller-manager kubectl etcd helm)
-NODE_TOOLS=(kube-apiserver kube-controller-manager kubectl etcd helm kubelet kube-proxy kube-scheduler coredns pause)
+ALL_TOOLS=(kube-apiserver kube-controller-manager kubectl etcd helm promtool)
+NODE_TOOLS=(kube-apiserver kube-controller-manager kubectl etcd helm promtool kubelet kube-proxy kube-scheduler coredns pause prometheus)
 
 if [ "${1:-}" = "--print-env" ]; then
     printf 'export HT_KUBE_APISERVER=%q\n' "$HT_KUBE_APISERVER"
@@ -30,6 +32,8 @@ if [ "${1:-}" = "--print-env" ]; then
     printf 'export HT_KUBECTL=%q\n' "$HT_KUBECTL"
     printf 'export HT_ETCD=%q\n' "$HT_ETCD"
     printf 'export HT_HELM=%q\n' "$HT_HELM"
+    printf 'export HT_PROMTOOL=%q\n' "$HT_PROMTOOL"
+    printf 'export HT_PROMETHEUS=%q\n' "$HT_PROMETHEUS"
     printf 'export HT_KUBELET=%q\n' "$HT_KUBELET"
     printf 'export HT_KUBE_PROXY=%q\n' "$HT_KUBE_PROXY"
     printf 'export HT_KUBE_SCHEDULER=%q\n' "$HT_KUBE_SCHEDULER"
@@ -74,9 +78,20 @@ kube_ldflags() {
     echo "$f"
 }
 
-# build_tool MODULE_DIR PACKAGE OUTPUT LDFLAGS   (MODULE_DIR relative to go/, or absolute)
+# Prometheus and promtool without the cloud service discoveries (AWS,
+# Azure, GCE, Kubernetes, ...): the tests use static and file targets, and
+# those SDs' SDKs would be most of the build. Version from the module's
+# v0.3XX.Y = Prometheus 3.XX.Y.
+PROMETHEUS_TAGS=remove_all_sd
+prometheus_ldflags() {
+    local v="${PROMETHEUS_VERSION#v0.}" minor
+    minor="${v%%.*}"; minor="$((10#${minor#3}))"
+    echo "-s -w -X github.com/prometheus/common/version.Version=3.$minor.${v#*.} -X github.com/prometheus/common/version.Branch=release"
+}
+
+# build_tool MODULE_DIR PACKAGE OUTPUT LDFLAGS [TAGS]   (MODULE_DIR relative to go/, or absolute)
 build_tool() {
-    local moddir="$HT_CONTROLPLANE_DIR/go/$1" pkg="$2" out="$3" ldflags="$4"
+    local moddir="$HT_CONTROLPLANE_DIR/go/$1" pkg="$2" out="$3" ldflags="$4" tags="${5:-}"
     case "$1" in /*) moddir="$1" ;; esac
     local start=$SECONDS
     log "building $(basename "$out") from $pkg (first run only; kube-apiserver takes ~10+ min on 2 cores)"
@@ -85,7 +100,7 @@ build_tool() {
         cd "$moddir"
         # -mod=readonly: fail instead of silently editing the committed go.mod/go.sum.
         GOWORK=off GOFLAGS="-mod=readonly -buildvcs=false" CGO_ENABLED=0 \
-            ht_go build -trimpath -ldflags "$ldflags" -o "$out.tmp.$$" "$pkg"
+            ht_go build -trimpath -tags "$tags" -ldflags "$ldflags" -o "$out.tmp.$$" "$pkg"
     )
     mv -f "$out.tmp.$$" "$out"
     log "built $out in $((SECONDS - start))s"
@@ -159,6 +174,14 @@ for tool in "${TOOLS[@]}"; do
             [ -x "$HT_HELM" ] || build_tool helm helm.sh/helm/v3/cmd/helm "$HT_HELM" \
                 "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION -X helm.sh/helm/v3/internal/version.gitTreeState=clean -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor=$helm_k8s_minor -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMinor=$helm_k8s_minor"
             link "$HT_HELM" ;;
+        promtool)
+            [ -x "$HT_PROMTOOL" ] || build_tool prometheus github.com/prometheus/prometheus/cmd/promtool "$HT_PROMTOOL" \
+                "$(prometheus_ldflags)" "$PROMETHEUS_TAGS"
+            link "$HT_PROMTOOL" ;;
+        prometheus)
+            [ -x "$HT_PROMETHEUS" ] || build_tool prometheus github.com/prometheus/prometheus/cmd/prometheus "$HT_PROMETHEUS" \
+                "$(prometheus_ldflags)" "$PROMETHEUS_TAGS"
+            link "$HT_PROMETHEUS" ;;
         *)
             log "unknown tool '$tool' (known: ${NODE_TOOLS[*]}, or node)"; exit 2 ;;
     esac

@@ -20,6 +20,7 @@ KUBE_VERSION="$(ht_mod_version kube-apiserver k8s.io/kubernetes)"
 ETCD_VERSION="$(ht_mod_version etcd go.etcd.io/etcd/server/v3)"
 HELM_VERSION="$(ht_mod_version helm helm.sh/helm/v3)"
 COREDNS_VERSION="$(ht_mod_version coredns github.com/coredns/coredns)"
+PROMETHEUS_VERSION="$(ht_mod_version prometheus github.com/prometheus/prometheus)"
 
 # Cached binaries: $HT_CACHE/<tool>-<version>/<tool>
 HT_KUBE_APISERVER="$HT_CACHE/kube-apiserver-$KUBE_VERSION/kube-apiserver"
@@ -31,6 +32,8 @@ HT_KUBE_SCHEDULER="$HT_CACHE/kube-scheduler-$KUBE_VERSION/kube-scheduler"
 HT_ETCD="$HT_CACHE/etcd-$ETCD_VERSION/etcd"
 HT_HELM="$HT_CACHE/helm-$HELM_VERSION/helm"
 HT_COREDNS="$HT_CACHE/coredns-$COREDNS_VERSION/coredns"
+HT_PROMTOOL="$HT_CACHE/promtool-$PROMETHEUS_VERSION/promtool"
+HT_PROMETHEUS="$HT_CACHE/prometheus-$PROMETHEUS_VERSION/prometheus"
 # The node's sandbox image (tests/node/pause): versioned by a hash of its
 # sources, so an edit rebuilds it.
 if [ -n "$HT_NODE_DIR" ] && [ -f "$HT_NODE_DIR/pause/main.go" ]; then

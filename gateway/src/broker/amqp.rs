@@ -190,6 +190,7 @@ impl AmqpBroker {
             AMQPScheme::AMQPS => Some(crate::tls::client_config(&config.tls, "broker.amqp.tls")?),
             AMQPScheme::AMQP => None,
         };
+        metrics.amqp_configured.set(1);
         let shared = Arc::new(Shared {
             config,
             limits,

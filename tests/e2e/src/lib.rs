@@ -1,5 +1,7 @@
 //! Harness of the cross-crate tests (`tests/e2e/tests/`): the test control
 //! plane (`HT_TEST_KUBECONFIG`, started by `tests/run`), helm (`HT_HELM`),
+//! the chart's alerting rules and dashboard with promtool and Prometheus
+//! ([`monitoring`]),
 //! the built gateway and operator binaries, namespaces, and waiting; and for
 //! the node tier (`tests/e2e/tests/node.rs`) the real node ([`node`]), a
 //! backend the pods reach ([`backend`]) and 3.x clients and publishers ([`ws`]).
@@ -7,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 pub mod backend;
+pub mod monitoring;
 pub mod node;
 pub mod ws;
 

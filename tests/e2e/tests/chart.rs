@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 use std::process::{Command, Output, Stdio};
 
 use high_templar_e2e::{
-    AMQP_URL, Namespaced, client, eventually, free_port, helm, http_status, install_crd, kubeconfig_path, repo_root,
-    workspace_binary,
+    AMQP_URL, Namespaced, client, eventually, free_port, helm, http_status, install_crd, kubeconfig_path, monitoring,
+    repo_root, workspace_binary,
 };
 use high_templar_operator::crd::HighTemplar;
 use k8s_openapi::api::apps::v1::Deployment;
@@ -88,7 +88,9 @@ fn lint_and_template_with_every_feature() {
         assert!(default.contains_key(kind), "default render lacks {kind}: {:?}", default.keys());
     }
     assert!(
-        !default.contains_key("ServiceMonitor") && !default.contains_key("HighTemplar"),
+        ["ServiceMonitor", "HighTemplar", "PodMonitor", "PrometheusRule", "ConfigMap"]
+            .iter()
+            .all(|k| !default.contains_key(*k)),
         "optional features are off"
     );
     let args = operator_args(&default);
@@ -120,12 +122,85 @@ fn lint_and_template_with_every_feature() {
 
 #[test]
 fn values_schema_rejects_bad_values() {
-    for bad in ["replicaCount=-1", "image.pullPolicy=Sometimes", "watchNamespace=Not_A_Namespace", "unknownKey=1"] {
+    for bad in [
+        "replicaCount=-1",
+        "image.pullPolicy=Sometimes",
+        "watchNamespace=Not_A_Namespace",
+        "unknownKey=1",
+        "monitoring.prometheusRule.saturatedFraction=2",
+        "monitoring.prometheusRule.saturatedFor=soon",
+        "monitoring.podMonitor.unknown=1",
+    ] {
         let out = run_helm(&["template", "t", &chart(), "--set", bad]);
         assert!(!out.status.success(), "helm accepted --set {bad}");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("schema"), "--set {bad}: {err}");
     }
+}
+
+#[test]
+fn monitoring_flags_render_the_pod_monitor_rules_and_dashboard() {
+    let all = [
+        "monitoring.podMonitor.enabled=true",
+        "monitoring.prometheusRule.enabled=true",
+        "monitoring.dashboard.enabled=true",
+    ];
+    let rendered = template(&all);
+    // The PodMonitor selects the pods the operator makes, on the port
+    // their /metrics is served on.
+    let pm = &rendered["PodMonitor"][0]["spec"];
+    let ht =
+        HighTemplar::new("chat", serde_json::from_value(json!({"backend": {"url": "http://api/"}})).expect("spec"));
+    let pod_labels = high_templar_operator::desired::labels(&ht);
+    for (k, v) in pm["selector"]["matchLabels"].as_mapping().expect("matchLabels") {
+        let (k, v) = (k.as_str().expect("key"), v.as_str().expect("value"));
+        assert_eq!(pod_labels.get(k).map(String::as_str), Some(v), "gateway pods lack {k}={v}: {pod_labels:?}");
+    }
+    assert_eq!(pm["podMetricsEndpoints"][0]["port"].as_str(), Some("http"));
+    assert_eq!(pm["namespaceSelector"]["any"].as_bool(), Some(true));
+    let scoped = template(&["monitoring.podMonitor.enabled=true", "watchNamespace=apps"]);
+    assert_eq!(scoped["PodMonitor"][0]["spec"]["namespaceSelector"]["matchNames"][0].as_str(), Some("apps"));
+    // The dashboard ConfigMap holds the dashboard file, for Grafana's sidecar.
+    let cm = &rendered["ConfigMap"][0];
+    assert_eq!(cm["metadata"]["labels"]["grafana_dashboard"].as_str(), Some("1"));
+    let held: serde_json::Value =
+        serde_json::from_str(cm["data"]["high-templar.json"].as_str().expect("dashboard data")).expect("JSON");
+    let file = std::fs::read_to_string(repo_root().join("charts/high-templar/dashboards/high-templar.json"))
+        .expect("dashboard file");
+    assert_eq!(held, serde_json::from_str::<serde_json::Value>(&file).expect("JSON"));
+    assert_eq!(rendered["PrometheusRule"].len(), 1);
+}
+
+/// The rendered alerting rules pass `promtool check rules`, and the unit
+/// tests of tests/monitoring/alerts.test.yaml (each alert firing, and not
+/// firing for its healthy neighbour) pass `promtool test rules`; every
+/// alert has a test there.
+#[test]
+fn alerting_rules_pass_promtool_and_every_alert_is_unit_tested() {
+    let rules = monitoring::rendered_rules("ht-system");
+    let dir = std::env::temp_dir().join(format!("ht-promtool-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    std::fs::write(dir.join("rules.yaml"), &rules).expect("write rules");
+    let tests = std::fs::read_to_string(repo_root().join("tests/monitoring/alerts.test.yaml")).expect("alert tests");
+    std::fs::write(dir.join("alerts.test.yaml"), &tests).expect("write tests");
+    let promtool = |args: &[&str]| {
+        let out = Command::new(monitoring::promtool()).args(args).current_dir(&dir).output().expect("run promtool");
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "promtool {args:?}:\n{text}\nrules:\n{rules}");
+        text
+    };
+    let alerts = monitoring::alerts(&rules);
+    assert_eq!(alerts.len(), 6, "{alerts:?}");
+    let checked = promtool(&["check", "rules", "rules.yaml"]);
+    assert!(checked.contains(&format!("SUCCESS: {} rules found", alerts.len())), "{checked}");
+    promtool(&["test", "rules", "alerts.test.yaml"]);
+    for (name, _) in &alerts {
+        assert!(
+            tests.contains(&format!("alertname: {name}\n")),
+            "{name} has no test in tests/monitoring/alerts.test.yaml"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// A kubeconfig authenticating with `token` (a ServiceAccount's).

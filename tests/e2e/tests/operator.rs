@@ -28,6 +28,8 @@ struct Env {
     ns: String,
     stop: Option<oneshot::Sender<()>>,
     controller: Option<tokio::task::JoinHandle<()>>,
+    /// The controller's metrics (reconciliations run).
+    metrics: Arc<Metrics>,
 }
 
 static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
@@ -39,7 +41,7 @@ impl Env {
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let ns = format!("{test}-{}-{n}", std::process::id());
         create_namespace(&client, &ns).await;
-        let mut env = Env { client, ns, stop: None, controller: None };
+        let mut env = Env { client, ns, stop: None, controller: None, metrics: Arc::new(Metrics::new()) };
         env.start_controller();
         env
     }
@@ -54,7 +56,7 @@ impl Env {
             self.client.clone(),
             Some(self.ns.clone()),
             settings,
-            Arc::new(Metrics::new()),
+            self.metrics.clone(),
             async move {
                 let _ = stopped.await;
             },
@@ -243,6 +245,44 @@ async fn reconciles_objects_status_and_rollouts() {
         "a Created event: {:?}",
         events.items.iter().map(|e| e.reason.clone()).collect::<Vec<_>>()
     );
+    env.finish().await;
+}
+
+/// Status-only changes (the operator's own status patches, the fleet
+/// figures written every fleet period) do not re-run the reconciler, which
+/// would re-apply every object and re-declare the exchange each time; a
+/// spec change does.
+#[tokio::test]
+async fn status_only_changes_do_not_reconcile() {
+    let env = Env::new("status-only").await;
+    env.apply("solo", json!({"replicas": 1, "backend": {"url": "http://api.example:8000/api/"}})).await.expect("apply");
+    env.status_where("solo", "observed generation 1", |s| s.observed_generation == Some(1)).await;
+    // Settled: no reconciliation for 2 s (the Deployment's own status
+    // changes, from kube-controller-manager, trigger some at first).
+    let settled = eventually("reconciliations settle", || async {
+        let before = env.metrics.reconciliations.get();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        (env.metrics.reconciliations.get() == before).then_some(before)
+    })
+    .await;
+    let hts = env.api::<HighTemplar>();
+    for n in 0..5 {
+        let patch =
+            json!({"apiVersion": "hightemplar.io/v1alpha1", "kind": "HighTemplar", "status": {"connections": n}});
+        hts.patch_status("solo", &PatchParams::apply("high-templar-tests-fleet").force(), &Patch::Apply(&patch))
+            .await
+            .expect("status patch");
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(env.metrics.reconciliations.get(), settled, "status-only patches re-ran the reconciler");
+    env.apply(
+        "solo",
+        json!({"replicas": 1, "backend": {"url": "http://api.example:8000/api/"}, "limits": {"maxConnections": 500}}),
+    )
+    .await
+    .expect("spec change");
+    env.status_where("solo", "observed generation 2", |s| s.observed_generation == Some(2)).await;
+    assert!(env.metrics.reconciliations.get() > settled);
     env.finish().await;
 }
 
