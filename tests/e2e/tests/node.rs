@@ -514,8 +514,16 @@ async fn prometheus_reads_every_dashboard_query_and_alert_from_the_pods() {
         ready(pods(&client, "default", &gateway_selector("chat")).await)
     })
     .await;
-    let operators = eventually_within("a Ready operator pod", POD_WAIT, || async {
-        ready(pods(&client, RELEASE, "app.kubernetes.io/name=high-templar-operator").await)
+    // Every operator pod Ready (none starting, none terminating: the
+    // leader test before this one replaces a pod) and one of them holding
+    // the Lease, so the scraped set holds the leader whoever it is.
+    let leases: Api<Lease> = Api::namespaced(client.clone(), RELEASE);
+    let operators = eventually_within("every operator pod Ready, one holding the Lease", POD_WAIT, || async {
+        let all = pods(&client, RELEASE, "app.kubernetes.io/name=high-templar-operator").await;
+        let holder = leases.get_opt("high-templar-operator").await.ok().flatten().and_then(|l| l.spec?.holder_identity);
+        let ready_pods = ready(all.clone())?;
+        let leader_listed = holder.is_none_or(|h| ready_pods.iter().any(|(name, _)| *name == h));
+        (ready_pods.len() == all.len() && leader_listed).then_some(ready_pods)
     })
     .await;
     let targets = |ns: &str, pods: &[(String, IpAddr)]| -> String {
@@ -603,7 +611,11 @@ async fn prometheus_reads_every_dashboard_query_and_alert_from_the_pods() {
         if holding.is_empty() {
             break;
         }
-        assert!(Instant::now() < deadline, "{}", holding.join("\n"));
+        if Instant::now() >= deadline {
+            let leader = prometheus.query("hightemplar_operator_leader").await;
+            let lease = leases.get_opt("high-templar-operator").await.ok().flatten().and_then(|l| l.spec);
+            panic!("{}\nleader series: {leader:?}\nLease: {lease:?}\ntargets: {operators:?}", holding.join("\n"));
+        }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     drop(prometheus);
