@@ -49,17 +49,24 @@ pub async fn client() -> Client {
     Client::try_from(config).expect("client")
 }
 
-/// The `helm` binary built by `tests/controlplane/ensure-tools.sh`.
-pub fn helm() -> PathBuf {
-    let path = std::env::var("HT_HELM").map(PathBuf::from).unwrap_or_else(|_| {
-        PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/high-templar/bin/helm")
+/// A tool of the cache (`$HT_<NAME>` or `~/.cache/high-templar/bin/<name>`,
+/// built by `tests/controlplane/ensure-tools.sh`); fails the test, saying
+/// how to build it, when missing.
+pub fn cached_tool(env: &str, name: &str) -> PathBuf {
+    let path = std::env::var(env).map(PathBuf::from).unwrap_or_else(|_| {
+        PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/high-templar/bin").join(name)
     });
     assert!(
         path.exists(),
-        "helm not found at {}: run tests/run or tests/controlplane/ensure-tools.sh helm",
+        "{name} not found at {}: run tests/run or tests/controlplane/ensure-tools.sh {name}",
         path.display()
     );
     path
+}
+
+/// The `helm` binary built by `tests/controlplane/ensure-tools.sh`.
+pub fn helm() -> PathBuf {
+    cached_tool("HT_HELM", "helm")
 }
 
 /// A binary of the workspace, built next to the test executable.

@@ -9,28 +9,14 @@ use std::process::{Child, Command, Stdio};
 
 use serde_json::Value;
 
-/// A tool of the cache (`$HT_<NAME>` or `~/.cache/high-templar/bin/<name>`);
-/// fails the test, saying how to build it, when missing.
-fn cached_tool(env: &str, name: &str) -> PathBuf {
-    let path = std::env::var(env).map(PathBuf::from).unwrap_or_else(|_| {
-        PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/high-templar/bin").join(name)
-    });
-    assert!(
-        path.exists(),
-        "{name} not found at {}: run tests/run or tests/controlplane/ensure-tools.sh {name}",
-        path.display()
-    );
-    path
-}
-
 /// `promtool` (Prometheus, pinned in tests/controlplane/go/prometheus).
 pub fn promtool() -> PathBuf {
-    cached_tool("HT_PROMTOOL", "promtool")
+    crate::cached_tool("HT_PROMTOOL", "promtool")
 }
 
 /// `prometheus` (same module and version as [`promtool`]).
 pub fn prometheus() -> PathBuf {
-    cached_tool("HT_PROMETHEUS", "prometheus")
+    crate::cached_tool("HT_PROMETHEUS", "prometheus")
 }
 
 /// The chart's alerting rules for a release in `namespace`, with default
@@ -140,8 +126,14 @@ impl Prometheus {
         std::fs::read_to_string(self.dir.join("prometheus.log")).unwrap_or_default()
     }
 
-    /// `GET <path>` of the HTTP API: the `data` of a `success` answer.
+    /// `GET <path>` of the HTTP API: the `data` of a `success` answer
+    /// (`None` also when no answer came within 10 s, so the callers'
+    /// polling deadlines hold against a hung server).
     pub async fn api(&self, path: &str) -> Option<Value> {
+        tokio::time::timeout(std::time::Duration::from_secs(10), self.api_call(path)).await.ok().flatten()
+    }
+
+    async fn api_call(&self, path: &str) -> Option<Value> {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut s = tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await.ok()?;
         // HTTP/1.0: the answer is the body up to the close, never chunked.
