@@ -65,7 +65,13 @@ pub async fn run(
     let controller = Controller::for_stream(resources, store.clone());
     // The fleet scrape lives as long as the controller (it stops with
     // leadership).
-    let fleet = tokio::spawn(crate::scrape::run(client.clone(), store.clone(), settings.fleet_period, metrics.clone()));
+    let fleet = tokio::spawn(crate::scrape::run(
+        client.clone(),
+        store.clone(),
+        settings.fleet_period,
+        metrics.clone(),
+        ctx.recorder.clone(),
+    ));
     info!(namespace = ns.unwrap_or("<all>"), "high-templar operator controller starting");
     controller
         .owns(api::<ConfigMap>(&client, ns), config.clone())

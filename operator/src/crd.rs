@@ -58,11 +58,12 @@ use serde::{Deserialize, Serialize};
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[x_kube(validation = Rule::new(
-    "has(self.rabbitmq) || (self.replicas <= 1 && !(has(self.autoscaling) && self.autoscaling.enabled))"
-).message("spec.rabbitmq is required when replicas > 1 or autoscaling is enabled: without RabbitMQ each replica only delivers the triggers sent to it"))]
+    "has(self.rabbitmq) || (self.replicas <= 1 && !(has(self.autoscaling) && (self.autoscaling.enabled || has(self.autoscaling.targetConnectionsPerPod))))"
+).message("spec.rabbitmq is required when replicas > 1 or autoscaling is on: without RabbitMQ each replica only delivers the triggers sent to it"))]
 #[serde(rename_all = "camelCase")]
 pub struct HighTemplarSpec {
-    /// Gateway pods. Ignored while autoscaling is enabled.
+    /// Gateway pods. Ignored while autoscaling is on (`autoscaling.enabled`
+    /// or `autoscaling.targetConnectionsPerPod`).
     #[serde(default = "default_replicas")]
     #[schemars(range(min = 0, max = 1000))]
     pub replicas: i32,
@@ -671,12 +672,16 @@ impl Default for ServiceSpec {
     }
 }
 
-/// CPU-based autoscaling.
+/// Autoscaling, one of two kinds: on CPU through a HorizontalPodAutoscaler
+/// (`enabled`), or on connections per pod by the operator itself
+/// (`targetConnectionsPerPod`, from the fleet scrape: no metrics adapter
+/// needed). Either way the autoscaler owns the Deployment's `replicas`.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[x_kube(validation = Rule::new("self.minReplicas <= self.maxReplicas").message("autoscaling.minReplicas must not exceed autoscaling.maxReplicas"))]
+#[x_kube(validation = Rule::new("!(self.enabled && has(self.targetConnectionsPerPod))").message("autoscaling.enabled (CPU HPA) and autoscaling.targetConnectionsPerPod exclude each other: two autoscalers would fight over the replicas"))]
 #[serde(rename_all = "camelCase")]
 pub struct AutoscalingSpec {
-    /// Create a HorizontalPodAutoscaler (then `replicas` is the HPA's to set).
+    /// Create a HorizontalPodAutoscaler on CPU (then `replicas` is the HPA's to set).
     #[serde(default)]
     pub enabled: bool,
     /// Fewest replicas.
@@ -687,10 +692,27 @@ pub struct AutoscalingSpec {
     #[serde(default = "default_max_replicas")]
     #[schemars(range(min = 1, max = 1000))]
     pub max_replicas: i32,
-    /// Average CPU utilisation target, percent of requests.
+    /// Average CPU utilisation target, percent of requests (with `enabled`).
     #[serde(default = "default_cpu_target", rename = "targetCPUUtilizationPercentage")]
     #[schemars(range(min = 1, max = 100))]
     pub target_cpu_utilization_percentage: i32,
+    /// Scale on connections: the operator keeps
+    /// `ceil(connections / targetConnectionsPerPod)` replicas within
+    /// `[minReplicas, maxReplicas]`. Unset: no connection autoscaling.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 10_000_000))]
+    pub target_connections_per_pod: Option<i64>,
+    /// With `targetConnectionsPerPod`: how long a lower recommendation must
+    /// hold before pods are removed (the highest recommendation of this
+    /// window wins, so a dip between reconnect waves removes nothing).
+    #[serde(default = "default_scale_down_stabilization")]
+    #[schemars(range(min = 0, max = 3600))]
+    pub scale_down_stabilization_seconds: i32,
+    /// With `targetConnectionsPerPod`: most pods added or removed at once
+    /// (one decision per fleet period).
+    #[serde(default = "default_max_step")]
+    #[schemars(range(min = 1, max = 100))]
+    pub max_step: i32,
 }
 
 fn default_min_replicas() -> i32 {
@@ -702,6 +724,12 @@ fn default_max_replicas() -> i32 {
 fn default_cpu_target() -> i32 {
     70
 }
+fn default_scale_down_stabilization() -> i32 {
+    300
+}
+fn default_max_step() -> i32 {
+    4
+}
 
 impl Default for AutoscalingSpec {
     fn default() -> Self {
@@ -710,7 +738,18 @@ impl Default for AutoscalingSpec {
             min_replicas: default_min_replicas(),
             max_replicas: default_max_replicas(),
             target_cpu_utilization_percentage: default_cpu_target(),
+            target_connections_per_pod: None,
+            scale_down_stabilization_seconds: default_scale_down_stabilization(),
+            max_step: default_max_step(),
         }
+    }
+}
+
+impl AutoscalingSpec {
+    /// Whether an autoscaler (the CPU HPA or the operator on connections)
+    /// owns the replicas.
+    pub fn is_on(&self) -> bool {
+        self.enabled || self.target_connections_per_pod.is_some()
     }
 }
 
@@ -778,6 +817,14 @@ pub struct HighTemplarStatus {
     /// When the fleet figures above were read.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_scrape_time: Option<Time>,
+    /// With `autoscaling.targetConnectionsPerPod`: the replicas the
+    /// connections call for now (`ceil(connections / target)` within the
+    /// bounds), before the scale-down window and step apply.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recommended_replicas: Option<i32>,
+    /// When the connection autoscaler last changed the replicas.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_scale_time: Option<Time>,
     /// `Ready`, `BrokerReady`, `Available`, `Degraded` (written by the
     /// reconciler) and `Saturated` (written by the fleet scrape). A map
     /// keyed by `type`, so the two writers own their own entries.

@@ -13,14 +13,15 @@
 //!   over a resource's pods (#14: status figures, saturation).
 //! - [`autoscale`]: the replica count connections per pod call for
 //!   (HPA-like rules: immediate step-limited scale-up, scale-down after a
-//!   stabilisation window), and pod-deletion costs. Not wired to the
-//!   resource yet (#14 item 2).
+//!   stabilisation window, never on missing figures), and pod-deletion costs.
 //!
 //! I/O at the edges:
 //! - [`reconcile`]: `Context`, `reconcile`, `error_policy`, finalizer.
 //! - [`rabbitmq`]: declaring and deleting the exchange.
 //! - [`controller`]: watches (owned objects, referenced Secrets) and the run loop.
 //! - [`scrape`]: the fleet scrape (gateway pods' `/metrics` into the status).
+//! - [`scaler`]: connection autoscaling applied: the Deployment's replicas
+//!   and the pods' deletion costs, after each scrape.
 //! - [`metrics`]: operator metrics.
 
 #![forbid(unsafe_code)]
@@ -33,6 +34,7 @@ pub mod fleet;
 pub mod metrics;
 pub mod rabbitmq;
 pub mod reconcile;
+pub mod scaler;
 pub mod scrape;
 pub mod status;
 

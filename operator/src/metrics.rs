@@ -33,6 +33,16 @@ pub struct Metrics {
     pub fleet_pages: Family<Outcome, Counter>,
     /// Duration of one resource's fleet scrape (list pods, read pages), seconds.
     pub fleet_scrape_duration: Histogram,
+    /// Replica changes made by the connection autoscaler, by direction
+    /// (`up`, `down`).
+    pub scale_events: Family<Direction, Counter>,
+}
+
+/// A `direction` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Direction {
+    /// `up` or `down`.
+    pub direction: &'static str,
 }
 
 /// `reconcile_failures_total{reason}`: every `reconcile::Error::reason`.
@@ -91,7 +101,26 @@ impl Metrics {
         for outcome in ["read", "failed"] {
             let _ = fleet_pages.get_or_create(&Outcome { outcome });
         }
-        Metrics { registry, reconciliations, failures, duration, leader, fleet_pages, fleet_scrape_duration }
+        let scale_events = Family::default();
+        registry.register("scale_events", "Replica changes made by the connection autoscaler", scale_events.clone());
+        for direction in ["up", "down"] {
+            let _ = scale_events.get_or_create(&Direction { direction });
+        }
+        Metrics {
+            registry,
+            reconciliations,
+            failures,
+            duration,
+            leader,
+            fleet_pages,
+            fleet_scrape_duration,
+            scale_events,
+        }
+    }
+
+    /// Records one replica change of the connection autoscaler.
+    pub fn scaled(&self, direction: &'static str) {
+        self.scale_events.get_or_create(&Direction { direction }).inc();
     }
 
     /// Records one resource's fleet scrape: pages read and failed.

@@ -286,6 +286,7 @@ async fn finalize(ht: &HighTemplar, ctx: &Context, ns: &str) -> Result<Action, E
 async fn apply_objects(ht: &HighTemplar, ctx: &Context, ns: &str, inputs: &Inputs) -> Result<Deployment, Error> {
     let client = &ctx.client;
     apply(client, ns, &desired::config_map(ht)).await?;
+    crate::scaler::hand_over_replicas(client, ns, ht).await?;
     let deployment = apply(client, ns, &desired::deployment(ht, inputs)).await?;
     apply(client, ns, &desired::service(ht)).await?;
     match desired::pod_disruption_budget(ht) {

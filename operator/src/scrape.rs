@@ -21,6 +21,7 @@ use futures_util::{StreamExt, stream};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{ListParams, Patch, PatchParams};
+use kube::runtime::events::Recorder;
 use kube::runtime::reflector::Store;
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
@@ -30,7 +31,8 @@ use crate::crd::HighTemplar;
 use crate::desired;
 use crate::fleet::{FleetFigures, MetricsError, PodFigures, parse_metrics};
 use crate::metrics::Metrics;
-use crate::status;
+use crate::scaler::ConnectionAutoscaler;
+use crate::status::{self, ScaleStatus};
 
 /// Field manager of the fleet figures in the status.
 pub const FLEET_FIELD_MANAGER: &str = "high-templar-operator-fleet";
@@ -76,6 +78,30 @@ pub enum ScrapeError {
     },
 }
 
+/// One pod the scrape read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodLoad {
+    /// The pod's name.
+    pub name: String,
+    /// Its open connections.
+    pub connections: u64,
+    /// Its `controller.kubernetes.io/pod-deletion-cost` annotation now.
+    pub deletion_cost: Option<String>,
+}
+
+/// One resource's scrape.
+#[derive(Debug, Clone, Default)]
+pub struct FleetScrape {
+    /// The sums over the pods read.
+    pub figures: FleetFigures,
+    /// The first failure's message.
+    pub first_failure: Option<String>,
+    /// Each pod read.
+    pub pods: Vec<PodLoad>,
+    /// Pods (not terminating) that were not tried: not ready yet, or no IP.
+    pub not_ready: u32,
+}
+
 /// Reads gateway pods' `/metrics` pages.
 #[derive(Clone)]
 pub struct FleetScraper {
@@ -114,35 +140,56 @@ impl FleetScraper {
         parse_metrics(&text).map_err(|error| ScrapeError::Page { url: url.to_string(), error })
     }
 
-    /// Every ready pod of `ht`: the sums, and the first failure's message.
-    pub async fn fleet(
-        &self,
-        client: &Client,
-        ht: &HighTemplar,
-    ) -> Result<(FleetFigures, Option<String>), kube::Error> {
+    /// Every ready pod of `ht`.
+    pub async fn fleet(&self, client: &Client, ht: &HighTemplar) -> Result<FleetScrape, kube::Error> {
         let ns = ht.namespace().unwrap_or_default();
         let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
         let list = pods.list(&ListParams::default().labels(&desired::selector_string(ht))).await?;
-        let urls: Vec<String> = list.items.iter().filter_map(metrics_url).collect();
+        let live: Vec<&Pod> = list.items.iter().filter(|p| p.metadata.deletion_timestamp.is_none()).collect();
+        let targets: Vec<(Option<PodLoad>, String)> = live
+            .iter()
+            .filter_map(|pod| {
+                let load = PodLoad {
+                    name: pod.name_any(),
+                    connections: 0,
+                    deletion_cost: pod.annotations().get(crate::scaler::DELETION_COST).cloned(),
+                };
+                Some((Some(load), metrics_url(pod)?))
+            })
+            .collect();
+        let not_ready = u32::try_from(live.len() - targets.len()).unwrap_or(u32::MAX);
         let default_limit = u64::try_from(ht.spec.limits.max_connections).unwrap_or(0);
-        Ok(self.pages(urls, default_limit).await)
+        let mut scrape = self.read(targets, default_limit).await;
+        scrape.not_ready = not_ready;
+        Ok(scrape)
     }
 
     /// The pages at `urls`, at most [`CONCURRENCY`] at once: the sums, and
     /// the first failure's message. `default_limit` is the connection
     /// limit of a pod whose page gives none.
     pub async fn pages(&self, urls: Vec<String>, default_limit: u64) -> (FleetFigures, Option<String>) {
-        let mut figures = FleetFigures::new(default_limit);
-        let mut first_failure = None;
-        let mut pages =
-            stream::iter(urls).map(|url| async move { self.page(&url).await }).buffer_unordered(CONCURRENCY);
-        while let Some(page) = pages.next().await {
-            if let Err(e) = &page {
-                first_failure.get_or_insert_with(|| e.to_string());
+        let scrape = self.read(urls.into_iter().map(|url| (None, url)).collect(), default_limit).await;
+        (scrape.figures, scrape.first_failure)
+    }
+
+    /// Reads each `(pod, url)`; the pods read, with their connections, are
+    /// in the result.
+    async fn read(&self, targets: Vec<(Option<PodLoad>, String)>, default_limit: u64) -> FleetScrape {
+        let mut scrape = FleetScrape { figures: FleetFigures::new(default_limit), ..FleetScrape::default() };
+        let mut pages = stream::iter(targets)
+            .map(|(pod, url)| async move { (pod, self.page(&url).await) })
+            .buffer_unordered(CONCURRENCY);
+        while let Some((pod, page)) = pages.next().await {
+            match (&page, pod) {
+                (Err(e), _) => {
+                    scrape.first_failure.get_or_insert_with(|| e.to_string());
+                }
+                (Ok(figures), Some(pod)) => scrape.pods.push(PodLoad { connections: figures.connections, ..pod }),
+                (Ok(_), None) => {}
             }
-            figures.add(&page);
+            scrape.figures.add(&page);
         }
-        (figures, first_failure)
+        scrape
     }
 }
 
@@ -188,8 +235,15 @@ fn error_chain(e: reqwest::Error) -> String {
     text
 }
 
-/// Scrapes every resource in `store` each `period` until dropped.
-pub async fn run(client: Client, store: Store<HighTemplar>, period: Duration, metrics: Arc<Metrics>) {
+/// Scrapes every resource in `store` each `period` until dropped, and
+/// scales those that scale on connections ([`crate::scaler`]).
+pub async fn run(
+    client: Client,
+    store: Store<HighTemplar>,
+    period: Duration,
+    metrics: Arc<Metrics>,
+    recorder: Recorder,
+) {
     let scraper = match FleetScraper::new() {
         Ok(s) => s,
         Err(e) => {
@@ -197,30 +251,53 @@ pub async fn run(client: Client, store: Store<HighTemplar>, period: Duration, me
             return;
         }
     };
+    let mut autoscaler = ConnectionAutoscaler::new(client.clone(), recorder, metrics.clone());
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        for ht in store.state() {
+        let resources = store.state();
+        autoscaler.retain(&resources.iter().filter_map(|ht| ht.uid()).collect::<Vec<_>>());
+        for ht in resources {
             if ht.metadata.deletion_timestamp.is_some() {
                 continue;
             }
             let started = Instant::now();
             let outcome = scraper.fleet(&client, &ht).await;
             metrics.fleet_scrape_duration.observe(started.elapsed().as_secs_f64());
-            let (figures, failure) = match outcome {
+            let scrape = match outcome {
                 Ok(o) => o,
                 Err(e) => {
                     warn!(ht = %status::display_name(&ht), error = %e, "fleet scrape: cannot list the gateway pods");
                     continue;
                 }
             };
+            let figures = &scrape.figures;
             metrics.fleet_pages(figures.pods_read, figures.pods_failed);
-            if let Some(failure) = &failure {
+            if let Some(failure) = &scrape.first_failure {
                 debug!(ht = %status::display_name(&ht), failure = %failure, "fleet scrape: a page was not read");
             }
             let now = Time(k8s_openapi::jiff::Timestamp::now());
-            let fleet = status::fleet_status(&ht, &figures, failure.as_deref(), now);
+            let scale = match autoscaler.step(&ht, &scrape).await {
+                Ok(decision) => decision.map(|d| {
+                    let previous = ht.status.as_ref().and_then(|s| s.last_scale_time.clone());
+                    ScaleStatus {
+                        recommended: d.recommended,
+                        last_scale_time: if d.changed { Some(now.clone()) } else { previous },
+                    }
+                }),
+                Err(e) => {
+                    warn!(ht = %status::display_name(&ht), error = %e, "connection autoscaling: cannot scale");
+                    // Keep what the status said.
+                    ht.status.as_ref().and_then(|s| {
+                        Some(ScaleStatus {
+                            recommended: s.recommended_replicas?,
+                            last_scale_time: s.last_scale_time.clone(),
+                        })
+                    })
+                }
+            };
+            let fleet = status::fleet_status(&ht, figures, scrape.first_failure.as_deref(), scale.as_ref(), now);
             let patch = json!({
                 "apiVersion": "hightemplar.io/v1alpha1",
                 "kind": "HighTemplar",

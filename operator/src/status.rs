@@ -82,7 +82,7 @@ pub fn status(ht: &HighTemplar, observed: &Observed, now: Time) -> HighTemplarSt
     let replicas = d.replicas.unwrap_or(0);
     let ready = d.ready_replicas.unwrap_or(0);
     let desired =
-        if ht.spec.autoscaling.enabled { replicas.max(ht.spec.autoscaling.min_replicas) } else { ht.spec.replicas };
+        if ht.spec.autoscaling.is_on() { replicas.max(ht.spec.autoscaling.min_replicas) } else { ht.spec.replicas };
 
     let (broker_ok, broker_reason, broker_message) = match &observed.broker {
         BrokerState::Embedded => {
@@ -135,10 +135,26 @@ pub fn status(ht: &HighTemplar, observed: &Observed, now: Time) -> HighTemplarSt
     }
 }
 
+/// The connection autoscaler's part of the fleet status.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ScaleStatus {
+    /// Replicas the connections call for now.
+    pub recommended: i32,
+    /// When the replicas were last changed by the autoscaler.
+    pub last_scale_time: Option<Time>,
+}
+
 /// The fleet scrape's part of the status (its own field manager): the
-/// figures summed over the ready pods and the `Saturated` condition.
-/// `failure` is the first page that could not be read, if any.
-pub fn fleet_status(ht: &HighTemplar, figures: &FleetFigures, failure: Option<&str>, now: Time) -> serde_json::Value {
+/// figures summed over the ready pods, the `Saturated` condition and, when
+/// scaling on connections, the autoscaler's figures. `failure` is the first
+/// page that could not be read, if any.
+pub fn fleet_status(
+    ht: &HighTemplar,
+    figures: &FleetFigures,
+    failure: Option<&str>,
+    scale: Option<&ScaleStatus>,
+    now: Time,
+) -> serde_json::Value {
     let previous = ht.status.as_ref().map(|s| s.conditions.as_slice()).unwrap_or_default();
     let percent = u64::try_from(ht.spec.limits.saturated_percent).unwrap_or(90);
     let read = figures.pods_read;
@@ -170,7 +186,7 @@ pub fn fleet_status(ht: &HighTemplar, figures: &FleetFigures, failure: Option<&s
     };
     let saturated = condition_with(previous, "Saturated", status, reason, message, ht.metadata.generation, &now);
     let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
-    serde_json::json!({
+    let mut fleet = serde_json::json!({
         "connections": count(figures.connections),
         "subscriptions": count(figures.subscriptions),
         "consumers": count(figures.consumers),
@@ -179,7 +195,16 @@ pub fn fleet_status(ht: &HighTemplar, figures: &FleetFigures, failure: Option<&s
         "scrapedPods": read,
         "lastScrapeTime": now,
         "conditions": [saturated],
-    })
+    });
+    // Left out when not scaling on connections: this field manager's apply
+    // then removes them.
+    if let Some(scale) = scale {
+        fleet["recommendedReplicas"] = scale.recommended.into();
+        if let Some(at) = &scale.last_scale_time {
+            fleet["lastScaleTime"] = serde_json::json!(at);
+        }
+    }
+    fleet
 }
 
 /// The status of condition `type_`, if present.
@@ -262,7 +287,7 @@ mod tests {
         let mut fleet = FleetFigures::new(100);
         fleet.add(&Ok::<_, ()>(pod(40, None)));
         fleet.add(&Ok::<_, ()>(pod(10, Some(20))));
-        let s = fleet_status(&ht, &fleet, None, at(5));
+        let s = fleet_status(&ht, &fleet, None, None, at(5));
         assert_eq!(s["connections"], 50);
         assert_eq!(s["subscriptions"], 100);
         assert_eq!(s["consumers"], 2);
@@ -273,13 +298,13 @@ mod tests {
         assert_eq!(s["conditions"][0]["reason"], "BelowThreshold");
 
         fleet.add(&Ok::<_, ()>(pod(18, Some(20))));
-        let s = fleet_status(&ht, &fleet, None, at(6));
+        let s = fleet_status(&ht, &fleet, None, None, at(6));
         assert_eq!(s["conditions"][0]["status"], "True", "18 of 20 is 90 %: {s}");
         assert_eq!(s["conditions"][0]["reason"], "PodAboveThreshold");
 
         let mut dead = FleetFigures::new(100);
         dead.add(&Err::<PodFigures, _>(()));
-        let s = fleet_status(&ht, &dead, Some("GET http://10.0.0.1:8080/metrics: timed out"), at(7));
+        let s = fleet_status(&ht, &dead, Some("GET http://10.0.0.1:8080/metrics: timed out"), None, at(7));
         assert_eq!(s["conditions"][0]["status"], "Unknown");
         assert_eq!(s["conditions"][0]["reason"], "ScrapeFailed");
         assert!(s["conditions"][0]["message"].as_str().is_some_and(|m| m.contains("timed out")), "{s}");
@@ -287,12 +312,20 @@ mod tests {
         let mut some = FleetFigures::new(100);
         some.add(&Ok::<_, ()>(pod(1, None)));
         some.add(&Err::<PodFigures, _>(()));
-        let s = fleet_status(&ht, &some, Some("refused"), at(8));
+        let s = fleet_status(&ht, &some, Some("refused"), None, at(8));
         assert_eq!(
             (s["conditions"][0]["status"].as_str(), s["conditions"][0]["reason"].as_str()),
             (Some("False"), Some("ScrapeFailed"))
         );
         assert_eq!(s["connections"], 1, "the pods read still count");
+        assert!(s.get("recommendedReplicas").is_none() && s.get("lastScaleTime").is_none(), "{s}");
+
+        let scale = ScaleStatus { recommended: 3, last_scale_time: Some(at(4)) };
+        let s = fleet_status(&ht, &some, None, Some(&scale), at(9));
+        assert_eq!(s["recommendedReplicas"], 3);
+        assert_eq!(s["lastScaleTime"], serde_json::json!(at(4)));
+        let never = ScaleStatus { recommended: 2, last_scale_time: None };
+        assert!(fleet_status(&ht, &some, None, Some(&never), at(9)).get("lastScaleTime").is_none());
     }
 
     #[test]

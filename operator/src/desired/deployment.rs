@@ -187,9 +187,10 @@ pub fn deployment(ht: &HighTemplar, inputs: &Inputs) -> Deployment {
     Deployment {
         metadata: meta(ht),
         spec: Some(DeploymentSpec {
-            // With autoscaling on, the HPA owns `replicas`: leaving the field
-            // out of the applied object leaves it to the HPA.
-            replicas: (!spec.autoscaling.enabled).then_some(spec.replicas),
+            // With autoscaling on, the autoscaler (the HPA, or the fleet
+            // scrape on connections) owns `replicas`: leaving the field out
+            // of the applied object leaves it to the autoscaler.
+            replicas: (!spec.autoscaling.is_on()).then_some(spec.replicas),
             selector: LabelSelector { match_labels: Some(selector_labels(ht)), ..LabelSelector::default() },
             strategy: Some(DeploymentStrategy {
                 type_: Some("RollingUpdate".into()),

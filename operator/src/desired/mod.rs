@@ -126,9 +126,9 @@ pub fn service(ht: &HighTemplar) -> Service {
     }
 }
 
-/// The most replicas that may run: HPA maximum, or `replicas`.
+/// The most replicas that may run: the autoscaler's maximum, or `replicas`.
 fn max_replicas(ht: &HighTemplar) -> i32 {
-    if ht.spec.autoscaling.enabled { ht.spec.autoscaling.max_replicas } else { ht.spec.replicas }
+    if ht.spec.autoscaling.is_on() { ht.spec.autoscaling.max_replicas } else { ht.spec.replicas }
 }
 
 /// A PodDisruptionBudget, when more than one replica may run (with a

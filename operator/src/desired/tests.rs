@@ -81,6 +81,18 @@ impl Fixture {
             min_replicas: min,
             max_replicas: max,
             target_cpu_utilization_percentage: 60,
+            ..AutoscalingSpec::default()
+        };
+        self
+    }
+
+    /// Autoscaling on connections (the operator, no HPA).
+    pub(crate) fn connection_autoscaling(mut self, min: i32, max: i32, target: i64) -> Fixture {
+        self.ht.spec.autoscaling = AutoscalingSpec {
+            min_replicas: min,
+            max_replicas: max,
+            target_connections_per_pod: Some(target),
+            ..AutoscalingSpec::default()
         };
         self
     }
@@ -273,6 +285,14 @@ fn hpa_owns_replicas_when_enabled() {
     assert_eq!(spec.scale_target_ref.name, "a");
     assert_eq!(deployment(&ht, &inputs()).spec.expect("spec").replicas, None, "the HPA sets replicas");
     assert!(horizontal_pod_autoscaler(&Fixture::new("a").build()).is_none());
+}
+
+#[test]
+fn the_operator_owns_replicas_when_scaling_on_connections() {
+    let ht = Fixture::new("a").replicas(1).rabbitmq().connection_autoscaling(1, 4, 5000).build();
+    assert!(horizontal_pod_autoscaler(&ht).is_none(), "no HPA: the operator scales");
+    assert_eq!(deployment(&ht, &inputs()).spec.expect("spec").replicas, None, "replicas left to the autoscaler");
+    assert!(pod_disruption_budget(&ht).is_some(), "up to 4 pods may run");
 }
 
 #[test]

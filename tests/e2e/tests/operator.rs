@@ -248,6 +248,91 @@ async fn reconciles_objects_status_and_rollouts() {
     env.finish().await;
 }
 
+fn deployment_replicas(d: &Deployment) -> Option<i32> {
+    d.spec.as_ref().and_then(|s| s.replicas)
+}
+
+/// Field managers that own the Deployment's `spec.replicas`.
+fn replicas_owners(d: &Deployment) -> Vec<String> {
+    d.metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .filter(|m| m.fields_v1.as_ref().is_some_and(|f| f.0.pointer("/f:spec/f:replicas").is_some()))
+        .filter_map(|m| m.manager.clone())
+        .collect()
+}
+
+/// Turning connection autoscaling on hands the Deployment's replicas from
+/// the reconciler to the autoscaler without a dip (a field nobody owns
+/// would fall back to 1 pod); the autoscaler keeps them within the bounds,
+/// scales nothing down while pods are not read (no kubelet here: pods stay
+/// Pending), says so in the status and Events; turning it off gives the
+/// replicas back to `spec.replicas`. Real pods and connections: the node
+/// tier.
+#[tokio::test]
+async fn connection_autoscaling_takes_over_the_replicas_and_keeps_the_bounds() {
+    let env = Env::new("autoscale").await;
+    let exchange = unique_exchange("autoscale");
+    env.secret("rabbitmq", "url", AMQP_URL).await;
+    env.secret("ht-trigger", "token", "token").await;
+    let mut fixed = spec(&exchange, "Retain");
+    fixed["replicas"] = json!(3);
+    env.apply("chat", fixed.clone()).await.expect("apply");
+    let deployments = env.api::<Deployment>();
+    eventually("Deployment with 3 replicas", || async {
+        (deployment_replicas(&deployments.get("chat").await.ok()?) == Some(3)).then_some(())
+    })
+    .await;
+
+    let mut scaled = fixed.clone();
+    scaled["autoscaling"] =
+        json!({"targetConnectionsPerPod": 100, "minReplicas": 2, "maxReplicas": 5, "scaleDownStabilizationSeconds": 0});
+    env.apply("chat", scaled.clone()).await.expect("autoscaling on");
+    // 0 connections call for 2 pods, but the 3 pods were never read
+    // (Pending): no scale-down, for several fleet periods (1 s here).
+    env.status_where("chat", "generation 2 and a recommendation", |s| {
+        s.observed_generation == Some(2) && s.recommended_replicas == Some(2)
+    })
+    .await;
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_secs(4) {
+        let d = deployments.get("chat").await.expect("Deployment");
+        assert_eq!(deployment_replicas(&d), Some(3), "the replicas changed while handed over or on unread pods");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let d = deployments.get("chat").await.expect("Deployment");
+    assert_eq!(replicas_owners(&d), ["high-templar-operator-autoscaler"], "{:?}", d.metadata.managed_fields);
+
+    // Raising the minimum above the current count scales up at once.
+    scaled["autoscaling"]["minReplicas"] = json!(4);
+    env.apply("chat", scaled).await.expect("minReplicas 4");
+    eventually("scaled to the new minimum", || async {
+        (deployment_replicas(&deployments.get("chat").await.ok()?) == Some(4)).then_some(())
+    })
+    .await;
+    let status = env.status_where("chat", "a scale time", |s| s.last_scale_time.is_some()).await;
+    assert_eq!(status.recommended_replicas, Some(4));
+    let events = env.api::<Event>();
+    let event = eventually("a ScaledUp event", || async {
+        let list = events.list(&ListParams::default()).await.ok()?;
+        list.items.into_iter().find(|e| e.reason.as_deref() == Some("ScaledUp"))
+    })
+    .await;
+    let note = event.message.unwrap_or_default();
+    assert!(note.contains("3 → 4 replicas") && note.contains("outside [4, 5]"), "{note}");
+    assert!(env.metrics.encode().contains("hightemplar_operator_scale_events_total{direction=\"up\"} 1"));
+
+    // Off again: spec.replicas rules.
+    env.apply("chat", fixed).await.expect("autoscaling off");
+    eventually("spec.replicas again", || async {
+        (deployment_replicas(&deployments.get("chat").await.ok()?) == Some(3)).then_some(())
+    })
+    .await;
+    env.status_where("chat", "no recommendation", |s| s.recommended_replicas.is_none()).await;
+    env.finish().await;
+}
+
 /// Status-only changes (the operator's own status patches, the fleet
 /// figures written every fleet period) do not re-run the reconciler, which
 /// would re-apply every object and re-declare the exchange each time; a
@@ -305,6 +390,25 @@ async fn invalid_resources_are_rejected_by_the_apiserver() {
         (
             json!({"replicas": 5000, "backend": {"url": "http://api/"}, "rabbitmq": {"urlSecretRef": {"name": "r", "key": "u"}}}),
             "replicas",
+        ),
+        (
+            json!({"replicas": 1, "backend": {"url": "http://api/"}, "autoscaling": {"enabled": true, "targetConnectionsPerPod": 100},
+                   "rabbitmq": {"urlSecretRef": {"name": "r", "key": "u"}}}),
+            "exclude each other",
+        ),
+        (
+            json!({"replicas": 1, "backend": {"url": "http://api/"}, "autoscaling": {"targetConnectionsPerPod": 100}}),
+            "spec.rabbitmq is required",
+        ),
+        (
+            json!({"replicas": 1, "backend": {"url": "http://api/"}, "autoscaling": {"targetConnectionsPerPod": 0},
+                   "rabbitmq": {"urlSecretRef": {"name": "r", "key": "u"}}}),
+            "targetConnectionsPerPod",
+        ),
+        (
+            json!({"replicas": 1, "backend": {"url": "http://api/"}, "autoscaling": {"targetConnectionsPerPod": 9, "maxStep": 0},
+                   "rabbitmq": {"urlSecretRef": {"name": "r", "key": "u"}}}),
+            "maxStep",
         ),
         (
             json!({"replicas": 1, "backend": {"url": "http://api/", "forward": [{"header": "X-A", "from": [{"cookie": "a", "query": "b"}]}]}}),
