@@ -111,6 +111,17 @@ fn is_ready(pod: &Pod) -> bool {
             .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
+/// When `pod` became Ready, in seconds since the epoch (the node's clock).
+fn ready_since(pod: &Pod) -> i64 {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|c| c.iter().find(|c| c.type_ == "Ready" && c.status == "True"))
+        .and_then(|c| c.last_transition_time.as_ref())
+        .map(|t| t.0.as_second())
+        .expect("a Ready pod")
+}
+
 fn pod_ip(pod: &Pod) -> Option<IpAddr> {
     pod.status.as_ref()?.pod_ip.as_ref()?.parse().ok()
 }
@@ -171,7 +182,18 @@ async fn wait_fleet(
     what: &str,
     done: impl Fn(&HighTemplarStatus) -> bool,
 ) -> HighTemplarStatus {
-    let api = Api::<HighTemplar>::namespaced(client.clone(), "default");
+    wait_fleet_in(client, "default", name, what, done).await
+}
+
+/// [`wait_fleet`] in namespace `ns`.
+async fn wait_fleet_in(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    what: &str,
+    done: impl Fn(&HighTemplarStatus) -> bool,
+) -> HighTemplarStatus {
+    let api = Api::<HighTemplar>::namespaced(client.clone(), ns);
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let status = api.get(name).await.expect("the HighTemplar").status.unwrap_or_default();
@@ -229,6 +251,11 @@ impl Tenant {
     }
 
     async fn apply(&self, replicas: i32, max_subscriptions: i64) {
+        self.apply_with(replicas, max_subscriptions, json!({})).await;
+    }
+
+    /// [`Tenant::apply`] with `spec.autoscaling` set to `autoscaling`.
+    async fn apply_with(&self, replicas: i32, max_subscriptions: i64, autoscaling: Value) {
         let obj = json!({
             "apiVersion": "hightemplar.io/v1alpha1", "kind": "HighTemplar", "metadata": {"name": "chat"},
             "spec": {
@@ -238,6 +265,7 @@ impl Tenant {
                 "trigger": {"tokenSecretRef": {"name": "ht-trigger", "key": "token"}},
                 "limits": {"maxSubscriptionsPerConnection": max_subscriptions},
                 "shutdown": {"drainDelaySeconds": DRAIN_DELAY, "closeWindowSeconds": CLOSE_WINDOW},
+                "autoscaling": autoscaling,
             }
         });
         Api::<HighTemplar>::namespaced(self.client.clone(), &self.ns)
@@ -653,6 +681,124 @@ async fn rollouts_keep_every_client_connected_through_the_service() {
         c.stop().await;
     }
     amqp.close().await;
+}
+
+/// Autoscaling on connections per pod, on real pods: connections above the
+/// target add a replica that becomes Ready; once they close, after the
+/// scale-down window, the replicas return to the minimum and the pod
+/// removed is the one with the fewest connections (its pod-deletion-cost),
+/// although the ReplicaSet on its own would remove the newer one. The
+/// removed pod's client reconnects through the Service with a 1001 close,
+/// the other pod's clients are never closed, and no new connection
+/// through the Service fails throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_above_the_target_add_a_pod_and_the_emptiest_goes_after_the_window() {
+    const TARGET: u64 = 5;
+    const WINDOW: u64 = 20;
+    let node = Node::from_env();
+    let t = Tenant::create(&node, "autoscale", 1).await;
+    let first = wait_ready_replicas(&t.client, &t.ns, "chat", 1).await;
+    let first_name = first[0].metadata.name.clone().expect("a pod name");
+    // The ReplicaSet, left alone, removes the pod Ready for less time when
+    // the two ready ages differ by at least a power of two (it ranks them
+    // in log2 buckets, else by UID): an old first pod makes it remove the
+    // new one, so only the deletion cost can make it remove the first.
+    let first_ready = ready_since(&first[0]);
+    let wait = (first_ready + 40 - k8s_openapi::jiff::Timestamp::now().as_second()).max(0);
+    tokio::time::sleep(Duration::from_secs(wait.unsigned_abs())).await;
+    let first_url = format!("ws://{}:8080/ws/", pod_ip(&first[0]).expect("a pod IP"));
+    let autoscaling = json!({
+        "targetConnectionsPerPod": TARGET, "minReplicas": 1, "maxReplicas": 2,
+        "scaleDownStabilizationSeconds": WINDOW, "maxStep": 1,
+    });
+    t.apply_with(1, 1000, autoscaling).await;
+    let url = t.url().await;
+    let prober = Prober::start(url.clone(), format!("user-{}-probe", t.ns), Duration::from_millis(200));
+    // One client through the Service (so on the first pod, the only one),
+    // and 8 more on the first pod: 9 or 10 connections (with the prober's)
+    // call for 2 pods.
+    let mover = Reconnecting::start(url.clone(), format!("user-{}-mover", t.ns));
+    all_subscribed(std::slice::from_ref(&mover)).await;
+    let burst: Vec<Reconnecting> =
+        (0..8).map(|i| Reconnecting::start(first_url.clone(), format!("user-{}-burst-{i}", t.ns))).collect();
+    all_subscribed(&burst).await;
+    let opened = Instant::now();
+    let two = wait_ready_replicas(&t.client, &t.ns, "chat", 2).await;
+    let scaled_up = opened.elapsed();
+    let second = two.iter().find(|p| p.metadata.name.as_deref() != Some(&first_name)).expect("a new pod");
+    let second_name = second.metadata.name.clone().expect("a pod name");
+    let second_ready = ready_since(second);
+    let second_url = format!("ws://{}:8080/ws/", pod_ip(second).expect("a pod IP"));
+
+    // Three clients on the new pod; the burst closes: 4 or 5 connections
+    // call for 1 pod. The first pod holds 1 or 2, the new one 3 or 4.
+    let stay: Vec<Reconnecting> =
+        (0..3).map(|i| Reconnecting::start(second_url.clone(), format!("user-{}-stay-{i}", t.ns))).collect();
+    all_subscribed(&stay).await;
+    for c in burst {
+        c.stop().await;
+    }
+    let closed = Instant::now();
+    let mover_before = mover.seen();
+    let removed = eventually_within("a pod removed", POD_WAIT, || async {
+        let all = pods(&t.client, &t.ns, &gateway_selector("chat")).await;
+        all.into_iter().find(|p| p.metadata.deletion_timestamp.is_some())
+    })
+    .await;
+    let grace = removed.metadata.deletion_grace_period_seconds.unwrap_or(0);
+    let removed_at = removed.metadata.deletion_timestamp.as_ref().map(|t| t.0.as_second()).unwrap_or(0) - grace;
+    let (age_first, age_second) = (removed_at - first_ready, removed_at - second_ready);
+    println!("at the scale-down the first pod was Ready for {age_first} s, the new one for {age_second} s");
+    assert!(
+        age_first >= 2 * age_second + 2,
+        "the test's premise: the ReplicaSet alone would remove the new pod ({age_first} s vs {age_second} s Ready)"
+    );
+    let one = wait_ready_replicas(&t.client, &t.ns, "chat", 1).await;
+    let scaled_down = closed.elapsed();
+    assert_eq!(
+        one[0].metadata.name.as_deref(),
+        Some(second_name.as_str()),
+        "the pod with the fewest connections ({first_name}) is the one removed"
+    );
+    eventually_within("the first pod's client back through the Service", POD_WAIT, || async {
+        let s = mover.seen();
+        (s.up && s.going_away.len() > mover_before.going_away.len()).then_some(())
+    })
+    .await;
+    let (attempts, probe_failures) = prober.stop().await;
+    let mover = mover.stop().await;
+    println!(
+        "connection autoscaling: 2 pods Ready {:.1}s after 9 connections (target {TARGET}), back to 1 pod \
+         {:.1}s after the burst closed (window {WINDOW}s), {attempts} probes",
+        scaled_up.as_secs_f64(),
+        scaled_down.as_secs_f64()
+    );
+    assert!(scaled_down >= Duration::from_secs(WINDOW), "scaled down before the window: {scaled_down:?}");
+    assert!(probe_failures.is_empty(), "new connections through the Service failed: {probe_failures:?}");
+    assert!(mover.failed_connects.is_empty() && mover.other_ends.is_empty(), "{mover:?}");
+    for c in stay {
+        let seen = c.stop().await;
+        assert_eq!((seen.connects, seen.going_away.len()), (1, 0), "a client of the pod kept was closed: {seen:?}");
+        assert!(seen.failed_connects.is_empty() && seen.other_ends.is_empty(), "{seen:?}");
+    }
+    let events = Api::<k8s_openapi::api::core::v1::Event>::namespaced(t.client.clone(), &t.ns)
+        .list(&ListParams::default())
+        .await
+        .expect("events");
+    let notes: Vec<String> = events
+        .items
+        .iter()
+        .filter(|e| e.reason.as_deref().is_some_and(|r| r.starts_with("Scaled")))
+        .map(|e| format!("{}: {}", e.reason.clone().unwrap_or_default(), e.message.clone().unwrap_or_default()))
+        .collect();
+    println!("{notes:#?}");
+    assert!(notes.iter().any(|n| n.starts_with("ScaledUp: 1 → 2 replicas")), "{notes:?}");
+    assert!(notes.iter().any(|n| n.starts_with("ScaledDown: 2 → 1 replicas")), "{notes:?}");
+    let status = wait_fleet_in(&t.client, &t.ns, "chat", "a recommendation of 1", |s| {
+        s.recommended_replicas == Some(1) && s.last_scale_time.is_some()
+    })
+    .await;
+    assert_eq!(status.replica_summary.as_deref(), Some("1/1"), "{status:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
