@@ -6,8 +6,9 @@
 //!   [`AUTOSCALER_FIELD_MANAGER`] (a partial object: only `replicas`), the
 //!   way an HPA owns it; the reconciler leaves the field out while
 //!   autoscaling is on. [`hand_over_replicas`] moves the field from the
-//!   reconciler to the autoscaler when autoscaling is turned on, so the
-//!   Deployment keeps its pods instead of falling back to the default of 1.
+//!   reconciler to the autoscaler when autoscaling (on connections, or the
+//!   CPU HPA) is turned on, so the Deployment keeps its pods instead of
+//!   falling back to the default of 1.
 //! - Before a scale-down every pod read gets its connections as
 //!   `controller.kubernetes.io/pod-deletion-cost`, so the ReplicaSet
 //!   removes the emptiest pods; their clients reconnect through the pods'
@@ -65,20 +66,25 @@ async fn apply_replicas(client: &Client, ns: &str, name: &str, replicas: i32) ->
     api.patch(name, &params, &Patch::Apply(&patch)).await.map(drop)
 }
 
-/// When connection autoscaling is on and the reconciler still applies the
-/// Deployment's `replicas` (it was off until now), the autoscaler applies
-/// the current count (within the bounds) first: the reconciler's next apply
-/// leaves the field out, and a field nobody else owns would be reset to 1.
+/// When autoscaling is on (on connections, or the CPU HPA) and the
+/// reconciler still applies the Deployment's `replicas` (it was off until
+/// now), the autoscaler's field manager applies the current count (within
+/// the bounds) first: the reconciler's next apply leaves the field out, and
+/// a field nobody else owns would be reset to 1 pod. The HPA then changes
+/// it through the scale subresource as usual.
 pub async fn hand_over_replicas(client: &Client, ns: &str, ht: &HighTemplar) -> Result<(), kube::Error> {
-    let Some(policy) = Policy::of(&ht.spec.autoscaling) else { return Ok(()) };
+    let spec = &ht.spec.autoscaling;
+    if !spec.is_on() {
+        return Ok(());
+    }
     let api: Api<Deployment> = Api::namespaced(client.clone(), ns);
     let Some(deployment) = api.get_opt(&ht.name_any()).await? else { return Ok(()) };
     if !autoscale::applies_replicas(&deployment, FIELD_MANAGER) {
         return Ok(());
     }
     let current = deployment.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
-    let replicas = current.clamp(policy.min_replicas, policy.max_replicas);
-    info!(ht = %status::display_name(ht), replicas, "connection autoscaling on: the autoscaler takes over the replicas");
+    let replicas = current.clamp(spec.min_replicas, spec.max_replicas.max(spec.min_replicas));
+    info!(ht = %status::display_name(ht), replicas, "autoscaling on: the autoscaler takes over the replicas");
     apply_replicas(client, ns, &ht.name_any(), replicas).await
 }
 

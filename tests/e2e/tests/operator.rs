@@ -268,8 +268,9 @@ fn replicas_owners(d: &Deployment) -> Vec<String> {
 /// would fall back to 1 pod); the autoscaler keeps them within the bounds,
 /// scales nothing down while pods are not read (no kubelet here: pods stay
 /// Pending), says so in the status and Events; turning it off gives the
-/// replicas back to `spec.replicas`. Real pods and connections: the node
-/// tier.
+/// replicas back to `spec.replicas`; turning the CPU HPA on hands them over
+/// without a dip as well (before, they fell to 1 pod, then to the HPA's
+/// minimum). Real pods and connections: the node tier.
 #[tokio::test]
 async fn connection_autoscaling_takes_over_the_replicas_and_keeps_the_bounds() {
     let env = Env::new("autoscale").await;
@@ -324,12 +325,25 @@ async fn connection_autoscaling_takes_over_the_replicas_and_keeps_the_bounds() {
     assert!(env.metrics.encode().contains("hightemplar_operator_scale_events_total{direction=\"up\"} 1"));
 
     // Off again: spec.replicas rules.
-    env.apply("chat", fixed).await.expect("autoscaling off");
+    env.apply("chat", fixed.clone()).await.expect("autoscaling off");
     eventually("spec.replicas again", || async {
         (deployment_replicas(&deployments.get("chat").await.ok()?) == Some(3)).then_some(())
     })
     .await;
     env.status_where("chat", "no recommendation", |s| s.recommended_replicas.is_none()).await;
+
+    // The CPU HPA takes over without a dip too (with no metrics server
+    // here it leaves a count within its bounds alone).
+    let mut cpu = fixed.clone();
+    cpu["autoscaling"] = json!({"enabled": true, "minReplicas": 2, "maxReplicas": 5});
+    env.apply("chat", cpu).await.expect("CPU HPA on");
+    env.status_where("chat", "generation 5", |s| s.observed_generation == Some(5)).await;
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_secs(3) {
+        let d = deployments.get("chat").await.expect("Deployment");
+        assert_eq!(deployment_replicas(&d), Some(3), "the replicas changed when the HPA took over");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     env.finish().await;
 }
 
