@@ -35,7 +35,8 @@ use crate::metrics::Metrics;
 use crate::scrape::FleetScrape;
 use crate::status;
 
-/// Field manager of the Deployment's `replicas` while the operator scales on connections.
+/// Field manager of the Deployment's `replicas` while the operator scales on
+/// connections (and of the count handed over to a CPU HPA).
 pub const AUTOSCALER_FIELD_MANAGER: &str = "high-templar-operator-autoscaler";
 
 /// The annotation the ReplicaSet controller reads to pick the pods to remove.
