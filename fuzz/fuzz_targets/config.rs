@@ -6,7 +6,8 @@
 //! - `Debug` never shows a secret (`trigger.token`, `broker.amqp.url`):
 //!   the Debug text does not change when the secrets do;
 //! - a `broker.*` validation error never quotes the AMQP URL (it holds a
-//!   password);
+//!   password), unless the URL is text of the message itself (a message
+//!   given for another URL holds it too);
 //! - a printed config reads back (`check-config` prints it with
 //!   `serde_yaml::to_string`): printing what was read back gives the same
 //!   text, and it validates the same way.
@@ -50,7 +51,15 @@ fuzz_target!(|data: &[u8]| {
         && let Some(url) = &config.broker.amqp.url
         && url.0.len() >= 8
     {
-        assert!(!message.contains(&url.0), "`{field}`: {message} quotes the AMQP URL");
+        // The fuzzer copies message text into the URL (`n amqp:// or
+        // amqps:/`): text that a message holds for a URL it never saw is
+        // the message's own, not a leak.
+        let fixed = |probe: &str| match with_secrets(&config, probe).validate() {
+            Err(ConfigError::Invalid { message, .. }) => message.contains(&url.0),
+            _ => false,
+        };
+        let own_text = ["\u{0}", "amqp://h/", "amqps://h/"].iter().any(|probe| fixed(probe));
+        assert!(own_text || !message.contains(&url.0), "`{field}`: {message} quotes the AMQP URL");
     }
 
     let shown = format!("{config:?}");
