@@ -4,7 +4,9 @@
 //!
 //! Fan-out runs under the index lock and never waits: each matching
 //! subscription gets a [`Delivery`] pushed onto its session's bounded
-//! [`OutboundQueue`]. A full queue marks the session as a slow consumer (it
+//! [`OutboundQueue`], or written through to its idle socket with one
+//! non-blocking write while [`WriteThroughPolicy`] says the fan-out keeps
+//! up that way. A full queue marks the session as a slow consumer (it
 //! then closes itself with 1013); nobody else waits for it.
 
 use std::collections::HashMap;
@@ -20,6 +22,7 @@ use crate::outbound::{Delivery, OutboundQueue, Pushed};
 use crate::protocol::{self, HubStatus, RequestId};
 use crate::room::Room;
 use crate::trigger::{Published, Trigger};
+use crate::write_through::WriteThroughPolicy;
 
 /// What the index stores per subscription.
 struct Subscriber {
@@ -32,8 +35,10 @@ struct Subscriber {
 /// Outcome of one trigger's fan-out.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct FanOut {
-    /// Publish frames queued.
+    /// Publish frames queued or written.
     pub delivered: u64,
+    /// Of those, written to the socket by the fan-out itself.
+    pub written_through: u64,
     /// Publish frames dropped because the session's queue was full.
     pub dropped: u64,
 }
@@ -50,6 +55,8 @@ pub struct Hub {
     controls: Arc<AtomicU64>,
     /// Next subscription id.
     next_id: AtomicU64,
+    /// Whether fan-outs write through (locked once per trigger).
+    write_through: Mutex<WriteThroughPolicy>,
     /// Process metrics (also the source of the `status` counters).
     metrics: Arc<Metrics>,
     /// Process start, for `status`.
@@ -64,6 +71,7 @@ impl Hub {
             users: Mutex::default(),
             controls: Arc::default(),
             next_id: AtomicU64::new(1),
+            write_through: Mutex::new(WriteThroughPolicy::new(Instant::now())),
             metrics,
             online_since: SystemTime::now(),
         }
@@ -172,9 +180,35 @@ impl Hub {
         }
     }
 
-    /// Queues `trigger` to every matching subscription, once each.
+    fn write_through(&self) -> MutexGuard<'_, WriteThroughPolicy> {
+        // Plain numbers: consistent even if poisoned.
+        self.write_through.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Queues `trigger` to every matching subscription, once each, or
+    /// writes it through to their idle sockets.
     pub fn fan_out(&self, trigger: &Trigger) -> FanOut {
         let start = Instant::now();
+        let write_through = self.write_through().is_on();
+        // Outside tokio's cooperative budget: inside it, a socket refuses
+        // writes once the calling task's budget is spent (after 128, and
+        // a room has thousands), and those deliveries would fall back to
+        // waking their sessions. The closure is ready at its first poll.
+        let out = futures_util::FutureExt::now_or_never(tokio::task::unconstrained(std::future::poll_fn(|_| {
+            std::task::Poll::Ready(self.fan_out_now(trigger, write_through))
+        })))
+        .unwrap_or_default();
+        let took = start.elapsed();
+        self.write_through().record(Instant::now(), took, out.delivered, out.written_through);
+        self.metrics.messages_delivered.inc_by(out.delivered);
+        if out.dropped > 0 {
+            self.metrics.messages_dropped.get_or_create(&Reason { reason: "slow_consumer" }).inc_by(out.dropped);
+        }
+        self.metrics.fanout_latency.observe(took.as_secs_f64());
+        out
+    }
+
+    fn fan_out_now(&self, trigger: &Trigger, write_through: bool) -> FanOut {
         let prefix = protocol::publish_prefix(trigger.data.get());
         let mut out = FanOut::default();
         // A subscription can match several of the trigger's rooms; it gets one copy.
@@ -188,19 +222,17 @@ impl Hub {
                     return;
                 }
                 let delivery = Delivery { prefix: prefix.clone(), suffix: subscriber.suffix.clone() };
-                match subscriber.session.push(delivery) {
+                match subscriber.session.push(delivery, write_through) {
                     Pushed::Queued => out.delivered += 1,
+                    Pushed::Written => {
+                        out.delivered += 1;
+                        out.written_through += 1;
+                    }
                     Pushed::Dropped => out.dropped += 1,
                 }
             });
         }
         self.metrics.index_projections.set(index.projections() as i64);
-        drop(index);
-        self.metrics.messages_delivered.inc_by(out.delivered);
-        if out.dropped > 0 {
-            self.metrics.messages_dropped.get_or_create(&Reason { reason: "slow_consumer" }).inc_by(out.dropped);
-        }
-        self.metrics.fanout_latency.observe(start.elapsed().as_secs_f64());
         out
     }
 
@@ -249,7 +281,7 @@ mod tests {
         hub.subscribe(&session, &room(json!({"u": "*"})), &rid("a"));
         hub.subscribe(&session, &room(json!({"u": 1})), &rid("b"));
         let t = Trigger::parse(br#"{"rooms":[{"u":1},{"u":2},{"u":"*"}],"data":7}"#, 100).expect("trigger");
-        assert_eq!(hub.fan_out(&t), FanOut { delivered: 2, dropped: 0 });
+        assert_eq!(hub.fan_out(&t), FanOut { delivered: 2, written_through: 0, dropped: 0 });
         let mut got: Vec<_> = std::iter::from_fn(|| session.pop()).map(|d| frame(&d)).collect();
         got.sort_by_key(|v| v["requestId"].to_string());
         assert_eq!(
@@ -269,9 +301,9 @@ mod tests {
         hub.subscribe(&slow, &room(json!({"r": 1})), &rid("s"));
         hub.subscribe(&fast, &room(json!({"r": 1})), &rid("f"));
         let t = Trigger::parse(br#"{"rooms":[{"r":1}]}"#, 100).expect("trigger");
-        assert_eq!(hub.fan_out(&t), FanOut { delivered: 2, dropped: 0 });
+        assert_eq!(hub.fan_out(&t), FanOut { delivered: 2, written_through: 0, dropped: 0 });
         assert!(!slow.is_overflowed());
-        assert_eq!(hub.fan_out(&t), FanOut { delivered: 1, dropped: 1 });
+        assert_eq!(hub.fan_out(&t), FanOut { delivered: 1, written_through: 0, dropped: 1 });
         assert!(slow.is_overflowed());
         assert!(!fast.is_overflowed());
         assert_eq!(std::iter::from_fn(|| fast.pop()).count(), 2);

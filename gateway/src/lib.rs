@@ -21,12 +21,15 @@
 //! - [`origin`]: `OriginPolicy`, which browser origins may connect.
 //! - [`breaker`]: `CircuitBreaker`, when to stop calling a failing backend.
 //! - [`config`]: the YAML configuration and its validation.
+//! - [`write_through`]: `WriteThroughPolicy`, whether the fan-out writes
+//!   deliveries into idle sockets itself or queues them.
 //!
 //! State and I/O:
 //! - [`hub`]: `Hub`, the process's subscriptions and the fan-out to
 //!   per-session bounded queues.
 //! - [`outbound`]: `OutboundQueue`, one session's bounded queue of publish
-//!   frames and its slow-consumer flag.
+//!   frames, its slow-consumer flag, and its websocket (`QueueSocket`), so
+//!   the fan-out can write a delivery through to an idle socket.
 //! - [`backend`]: `BootstrapClient`, the call to the existing API.
 //! - [`admission`]: `Admission`, bootstrap calls in flight at once and
 //!   their bounded queue.
@@ -81,3 +84,4 @@ pub mod server;
 pub mod session;
 pub mod tls;
 pub mod trigger;
+pub mod write_through;

@@ -3,6 +3,16 @@
 //! slow-consumer flag and the control requests (refresh, disconnect) the
 //! hub hands it.
 //!
+//! The queue also holds the session's websocket once the session is
+//! authorised, so a delivery can skip the queue: when nothing is queued or
+//! being written for the session, the fan-out writes the frame itself
+//! with one non-blocking write ([`OutboundQueue::push`] with
+//! `write_through`), and the session's task is not woken at all. Anything
+//! that cannot go out at once stays with the socket (tungstenite's write
+//! buffer) and the session is woken to finish it, as for queued frames.
+//! The session does all its own socket I/O through [`QueueSocket`], under
+//! the same lock, so frames leave in the order they were queued or fed.
+//!
 //! Hand-made rather than a channel crate's because of what an idle
 //! connection costs: the queue allocates nothing until its first delivery
 //! (a `VecDeque` grows on demand; tokio's bounded channel allocates its
@@ -11,10 +21,13 @@
 //! allocation.
 
 use std::collections::VecDeque;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 
+use axum::extract::ws::{Message, WebSocket};
 use futures_util::task::AtomicWaker;
+use futures_util::{Sink, SinkExt, Stream, StreamExt};
 
 /// One publish frame for one subscription, as two shared halves: the
 /// trigger's prefix (built once per trigger) and the subscription's
@@ -48,6 +61,9 @@ const KEEP_CAPACITY: usize = 64;
 pub enum Pushed {
     /// Queued for the writer.
     Queued,
+    /// Written to the socket by the caller (write-through); whatever the
+    /// socket did not take at once is left for the session to flush.
+    Written,
     /// The queue was full (or had overflowed before): the delivery was
     /// dropped and the session is marked as a slow consumer.
     Dropped,
@@ -68,8 +84,15 @@ pub enum Ready {
 }
 
 /// The queue's state, behind one lock.
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct State {
+    /// The session's websocket, from [`OutboundQueue::attach`] to
+    /// [`OutboundQueue::detach`].
+    socket: Option<Box<WebSocket>>,
+    /// A write is unfinished (the socket would block, or the session is
+    /// answering client frames whose replies must go first): frames are
+    /// queued, not written through, until the session's next flush ends.
+    write_pending: bool,
     /// Frames not yet written, oldest first.
     frames: VecDeque<Delivery>,
     /// Set once when a push found the queue full; never cleared.
@@ -78,6 +101,19 @@ struct State {
     disconnect: Option<u16>,
     /// A refresh asked for and not yet taken: the latest request's generation.
     refresh: Option<u64>,
+}
+
+impl std::fmt::Debug for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("State")
+            .field("socket", &self.socket.is_some())
+            .field("write_pending", &self.write_pending)
+            .field("frames", &self.frames.len())
+            .field("overflowed", &self.overflowed)
+            .field("disconnect", &self.disconnect)
+            .field("refresh", &self.refresh)
+            .finish()
+    }
 }
 
 /// Bounded queue of one session's publish frames (many producers: every
@@ -104,19 +140,51 @@ impl OutboundQueue {
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Queues `delivery` unless the queue is full; never waits.
-    pub fn push(&self, delivery: Delivery) -> Pushed {
+    /// Gives the queue the session's websocket: from now on the session
+    /// reads and writes through [`QueueSocket`], and pushes may write
+    /// through.
+    pub fn attach(&self, socket: Box<WebSocket>) {
+        self.state().socket = Some(socket);
+    }
+
+    /// Takes the websocket back (the session is closing).
+    pub fn detach(&self) -> Option<Box<WebSocket>> {
+        self.state().socket.take()
+    }
+
+    /// Queues `delivery` unless the queue is full; never waits. With
+    /// `write_through`, a delivery for a session with nothing queued or
+    /// being written goes to its socket at once (one non-blocking write):
+    /// the session is woken only if the socket did not take all of it.
+    /// Must run outside tokio's cooperative budget
+    /// (`tokio::task::unconstrained`): inside it, the socket refuses
+    /// writes once the calling task's budget is spent.
+    pub fn push(&self, delivery: Delivery, write_through: bool) -> Pushed {
         let pushed = {
             let mut state = self.state();
+            let state = &mut *state;
             if state.overflowed {
                 return Pushed::Dropped;
             }
-            if state.frames.len() >= self.capacity {
-                state.overflowed = true;
-                Pushed::Dropped
-            } else {
-                state.frames.push_back(delivery);
-                Pushed::Queued
+            let socket =
+                state.socket.as_mut().filter(|_| write_through && state.frames.is_empty() && !state.write_pending);
+            match socket.map(|socket| write_now(socket, &delivery)) {
+                Some(Written::Whole) => return Pushed::Written,
+                Some(Written::Partly) => {
+                    // Left in the socket's buffer (or the socket failed,
+                    // which the session's flush then reports): the session
+                    // finishes it, and frames queue behind it meanwhile.
+                    state.write_pending = true;
+                    Pushed::Written
+                }
+                Some(Written::NotTaken) | None if state.frames.len() >= self.capacity => {
+                    state.overflowed = true;
+                    Pushed::Dropped
+                }
+                Some(Written::NotTaken) | None => {
+                    state.frames.push_back(delivery);
+                    Pushed::Queued
+                }
             }
         };
         // After the lock: the woken task may run at once on another thread.
@@ -134,8 +202,45 @@ impl OutboundQueue {
         frame
     }
 
+    /// Feeds queued frames (up to `max`) to the socket, popping each under
+    /// the same lock as the write so that no write-through overtakes them;
+    /// returns how many. Pending when the socket takes no more for now
+    /// (the rest stays queued; `cx` is woken when it can take more).
+    pub fn poll_feed(&self, cx: &mut Context<'_>, max: usize) -> Poll<Result<usize, axum::Error>> {
+        let mut state = self.state();
+        let state = &mut *state;
+        let Some(socket) = state.socket.as_mut() else { return Poll::Ready(Err(no_socket())) };
+        let mut fed = 0;
+        while fed < max && !state.frames.is_empty() {
+            match socket.poll_ready_unpin(cx) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending if fed > 0 => break,
+                Poll::Pending => {
+                    state.write_pending = true;
+                    return Poll::Pending;
+                }
+            }
+            let Some(delivery) = state.frames.pop_front() else { break };
+            socket.start_send_unpin(Message::Text(delivery.text().into()))?;
+            fed += 1;
+        }
+        if state.frames.is_empty() && state.frames.capacity() > KEEP_CAPACITY {
+            state.frames = VecDeque::new();
+        }
+        Poll::Ready(Ok(fed))
+    }
+
+    /// Keeps pushes from writing through until the session's next flush
+    /// ends: the session is about to write replies (a subscribe's success
+    /// must reach the client before that subscription's first publish).
+    pub fn hold_writes(&self) {
+        self.state().write_pending = true;
+    }
+
     /// Ready when the queue overflowed, a disconnect or (if `take_refresh`)
-    /// a refresh is asked for, or a frame is queued; in that order. A
+    /// a refresh is asked for, or a frame is queued or a write is
+    /// unfinished; in that order. A
     /// refresh returned is taken (asked again, it is returned again).
     pub fn poll_ready(&self, cx: &mut Context<'_>, take_refresh: bool) -> Poll<Ready> {
         // Register before looking, so a push after the look wakes us.
@@ -148,7 +253,7 @@ impl OutboundQueue {
         } else if let Some(generation) = state.refresh.filter(|_| take_refresh) {
             state.refresh = None;
             Poll::Ready(Ready::Refresh(generation))
-        } else if state.frames.is_empty() {
+        } else if state.frames.is_empty() && !state.write_pending {
             Poll::Pending
         } else {
             Poll::Ready(Ready::Deliveries)
@@ -191,6 +296,99 @@ impl OutboundQueue {
     }
 }
 
+/// What a write-through did.
+enum Written {
+    /// The socket took the whole frame.
+    Whole,
+    /// The frame is in the socket's buffer, not all of it sent (or the
+    /// socket failed): the session must flush.
+    Partly,
+    /// The socket's buffer is full: the frame was not taken.
+    NotTaken,
+}
+
+/// Writes `delivery` to `socket` without waiting.
+fn write_now(socket: &mut WebSocket, delivery: &Delivery) -> Written {
+    // Nobody is to be woken by this write: if the socket would block, the
+    // session is woken by the caller and polls it again with its own
+    // waker, which replaces this one.
+    let mut cx = Context::from_waker(Waker::noop());
+    if !matches!(socket.poll_ready_unpin(&mut cx), Poll::Ready(Ok(()))) {
+        return Written::NotTaken;
+    }
+    if socket.start_send_unpin(Message::Text(delivery.text().into())).is_err() {
+        return Written::Partly;
+    }
+    match socket.poll_flush_unpin(&mut cx) {
+        Poll::Ready(Ok(())) => Written::Whole,
+        _ => Written::Partly,
+    }
+}
+
+fn no_socket() -> axum::Error {
+    axum::Error::new("the session's websocket is no longer attached")
+}
+
+/// The session's own view of its websocket while the queue holds it: a
+/// `Stream` of client messages and a `Sink` of frames, each call made
+/// under the queue's lock. A write that would block marks the queue's
+/// write as unfinished, and a flush that ends clears it (pushes may then
+/// write through again).
+pub struct QueueSocket<'a>(pub &'a OutboundQueue);
+
+impl Stream for QueueSocket<'_> {
+    type Item = Result<Message, axum::Error>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        match self.0.state().socket.as_mut() {
+            Some(socket) => socket.poll_next_unpin(cx),
+            None => Poll::Ready(None),
+        }
+    }
+}
+
+impl Sink<Message> for QueueSocket<'_> {
+    type Error = axum::Error;
+
+    fn poll_ready(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), axum::Error>> {
+        let mut state = self.0.state();
+        let state = &mut *state;
+        let Some(socket) = state.socket.as_mut() else { return Poll::Ready(Err(no_socket())) };
+        let poll = socket.poll_ready_unpin(cx);
+        if poll.is_pending() {
+            state.write_pending = true;
+        }
+        poll
+    }
+
+    fn start_send(self: Pin<&mut Self>, item: Message) -> Result<(), axum::Error> {
+        match self.0.state().socket.as_mut() {
+            Some(socket) => socket.start_send_unpin(item),
+            None => Err(no_socket()),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), axum::Error>> {
+        let mut state = self.0.state();
+        let state = &mut *state;
+        let Some(socket) = state.socket.as_mut() else { return Poll::Ready(Err(no_socket())) };
+        let poll = socket.poll_flush_unpin(cx);
+        match poll {
+            Poll::Ready(Ok(())) => state.write_pending = false,
+            Poll::Pending => state.write_pending = true,
+            Poll::Ready(Err(_)) => {}
+        }
+        poll
+    }
+
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), axum::Error>> {
+        match self.0.state().socket.as_mut() {
+            Some(socket) => socket.poll_close_unpin(cx),
+            None => Poll::Ready(Ok(())),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -214,7 +412,7 @@ mod tests {
         let q = OutboundQueue::new(1024);
         assert_eq!(q.state().frames.capacity(), 0);
         for n in 0..500 {
-            assert_eq!(q.push(delivery(n)), Pushed::Queued);
+            assert_eq!(q.push(delivery(n), false), Pushed::Queued);
         }
         assert_eq!(std::iter::from_fn(|| q.pop()).count(), 500);
         assert_eq!(q.state().frames.capacity(), 0);
@@ -224,7 +422,7 @@ mod tests {
     fn keeps_order() {
         let q = OutboundQueue::new(8);
         for n in 0..3 {
-            q.push(delivery(n));
+            q.push(delivery(n), false);
         }
         assert_eq!(q.len(), 3);
         assert_eq!(std::iter::from_fn(|| q.pop()).map(|d| d.text()).collect::<Vec<_>>(), ["0}", "1}", "2}"]);
@@ -234,14 +432,14 @@ mod tests {
     #[test]
     fn overflow_is_sticky_and_drops() {
         let q = OutboundQueue::new(2);
-        assert_eq!(q.push(delivery(1)), Pushed::Queued);
-        assert_eq!(q.push(delivery(2)), Pushed::Queued);
+        assert_eq!(q.push(delivery(1), false), Pushed::Queued);
+        assert_eq!(q.push(delivery(2), false), Pushed::Queued);
         assert!(!q.is_overflowed());
-        assert_eq!(q.push(delivery(3)), Pushed::Dropped);
+        assert_eq!(q.push(delivery(3), false), Pushed::Dropped);
         assert!(q.is_overflowed());
         while q.pop().is_some() {}
         // Even with room again, a slow consumer gets nothing more.
-        assert_eq!(q.push(delivery(4)), Pushed::Dropped);
+        assert_eq!(q.push(delivery(4), false), Pushed::Dropped);
         assert_eq!(q.len(), 0);
     }
 
@@ -252,12 +450,12 @@ mod tests {
         let waker = Waker::from(counter.clone());
         let mut cx = Context::from_waker(&waker);
         assert_eq!(q.poll_ready(&mut cx, true), Poll::Pending);
-        q.push(delivery(1));
+        q.push(delivery(1), false);
         assert_eq!(counter.0.load(Ordering::SeqCst), 1);
         assert_eq!(q.poll_ready(&mut cx, true), Poll::Ready(Ready::Deliveries));
         assert_eq!(q.poll_overflowed(&mut cx), Poll::Pending);
         for n in 0..4 {
-            q.push(delivery(n));
+            q.push(delivery(n), false);
         }
         assert_eq!(q.poll_ready(&mut cx, true), Poll::Ready(Ready::Overflowed));
         assert_eq!(q.poll_overflowed(&mut cx), Poll::Ready(()));
@@ -272,7 +470,7 @@ mod tests {
         assert_eq!(q.poll_ready(&mut cx, true), Poll::Pending);
         q.request_refresh(3);
         assert_eq!(counter.0.load(Ordering::SeqCst), 1, "a request wakes the session");
-        q.push(delivery(1));
+        q.push(delivery(1), false);
         q.request_refresh(4);
         // While a refresh runs the session does not take another: deliveries go on.
         assert_eq!(q.poll_ready(&mut cx, false), Poll::Ready(Ready::Deliveries));

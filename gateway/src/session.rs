@@ -44,7 +44,7 @@ use crate::identity::UserId;
 use crate::index::SubscriptionId;
 use crate::log_throttle::LogThrottle;
 use crate::metrics::{Outcome, Reason};
-use crate::outbound::{OutboundQueue, Ready};
+use crate::outbound::{OutboundQueue, QueueSocket, Ready};
 use crate::protocol::{self, ClientFrame, RequestError, RequestId, RequestIdField};
 use crate::refresh::Refresh;
 use crate::room::Room;
@@ -362,19 +362,17 @@ where
 }
 
 /// Writes `frames` with one flush.
-async fn write_frames(socket: &mut WebSocket, frames: Vec<String>) -> Result<(), Stop> {
+async fn write_frames(socket: &mut QueueSocket<'_>, frames: Vec<String>) -> Result<(), Stop> {
     for frame in frames {
         socket.feed(Message::Text(frame.into())).await.map_err(|_| Stop::ClientGone)?;
     }
     socket.flush().await.map_err(|_| Stop::ClientGone)
 }
 
-/// Feeds queued publish frames (up to [`MAX_BATCH`]), then flushes once.
-async fn write_batch(socket: &mut WebSocket, queue: &OutboundQueue) -> Result<(), Stop> {
-    for _ in 0..MAX_BATCH {
-        let Some(delivery) = queue.pop() else { break };
-        socket.feed(Message::Text(delivery.text().into())).await.map_err(|_| Stop::ClientGone)?;
-    }
+/// Feeds queued publish frames (up to [`MAX_BATCH`]), then flushes once
+/// (which also finishes what a write-through left in the socket's buffer).
+async fn write_batch(socket: &mut QueueSocket<'_>, queue: &OutboundQueue) -> Result<(), Stop> {
+    poll_fn(|cx| queue.poll_feed(cx, MAX_BATCH)).await.map_err(|_| Stop::ClientGone)?;
     socket.flush().await.map_err(|_| Stop::ClientGone)
 }
 
@@ -407,7 +405,7 @@ impl Incoming {
 /// waiting (a pipelined burst of subscribes), then flushes the replies once.
 /// Returns whether any frame counted as client activity.
 async fn answer_frames(
-    socket: &mut WebSocket,
+    socket: &mut QueueSocket<'_>,
     session: &mut Session,
     first: Option<Result<Message, axum::Error>>,
 ) -> Result<bool, Stop> {
@@ -420,6 +418,9 @@ async fn answer_frames(
             Incoming::Ping => active = true,
             Incoming::Text(text) => {
                 active = true;
+                // Replies go before any publish the request leads to (a
+                // subscribe's success before its first publish).
+                session.queue.hold_writes();
                 let reply = session.on_text(&text);
                 socket.feed(Message::Text(reply.into())).await.map_err(|_| Stop::ClientGone)?;
                 unflushed = true;
@@ -537,6 +538,10 @@ async fn serve(
     }
 
     let queue = Arc::new(OutboundQueue::new(limits.outbound_queue));
+    // From here on the queue holds the socket, so the fan-out can write a
+    // delivery through to it; the session's own I/O goes through the queue.
+    queue.attach(socket);
+    let mut socket = QueueSocket(&queue);
     let mut session = Session {
         allowed,
         subscriptions: HashMap::new(),
@@ -656,6 +661,8 @@ async fn serve(
     if let Some((code, reason)) = stop.close() {
         let _ = Box::pin(tokio::time::timeout(Duration::from_secs(1), socket.send(close_message(code, reason)))).await;
     }
+    // The socket closes here, whoever still holds the queue.
+    drop(queue.detach());
     info!(
         peer = %peer,
         reason = stop.label(),

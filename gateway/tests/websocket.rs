@@ -394,6 +394,31 @@ async fn slow_consumer_is_disconnected_and_others_get_everything() {
     assert_eq!(healthy.recv_json().await["data"], json!("after"));
 }
 
+#[tokio::test]
+async fn a_client_that_pauses_gets_every_frame_once_in_order() {
+    // Deliveries are written through to an idle socket by the fan-out,
+    // queued once the socket would block (a 4 KiB send buffer, 9.6 MB
+    // against a receive buffer of at most 6 MB), and written by the
+    // session when the client reads again; then written through again.
+    let gw = TestGateway::with_backend(&backend(), "limits: {outboundQueue: 1024, sendBufferBytes: 4096}").await;
+    let mut paused = gw.client("bob").await;
+    assert_eq!(paused.subscribe(json!({"user": 2}), json!("p")).await["code"], "success");
+    let pad = "x".repeat(16 * 1024);
+    for i in 0..600 {
+        assert_eq!(gw.trigger(&json!({"rooms": [{"user": 2}], "data": {"i": i, "pad": pad}})).await, 202);
+    }
+    for i in 0..600 {
+        let got = paused.recv_json().await;
+        assert_eq!((got["requestId"].clone(), got["data"]["i"].clone()), (json!("p"), json!(i)), "in order, once");
+    }
+    for i in 600..610 {
+        assert_eq!(gw.trigger(&json!({"rooms": [{"user": 2}], "data": {"i": i}})).await, 202);
+        assert_eq!(paused.recv_json().await["data"]["i"], json!(i));
+    }
+    paused.expect_silence(Duration::from_millis(200)).await;
+    assert_eq!(gw.metric(r#"hightemplar_messages_dropped_total{reason="slow_consumer"}"#).await, 0.0);
+}
+
 /// Sends 60 triggers of 16 KiB (≈ 1 MiB) to a client that reads nothing;
 /// true when the gateway closed it as a slow consumer.
 async fn stalled_client_is_closed(limits: &str) -> bool {

@@ -22,6 +22,10 @@
 # --no-centrifugo   skip the Centrifugo peer (otherwise run for idle and hot;
 #                   built once into ${HT_CACHE:-$HOME/.cache/high-templar}/
 #                   centrifugo-v6.9.1/, see centrifugo.sh)
+# --no-floor        skip the floor probe (tests/bench/floor), which otherwise
+#                   runs just before hot, with hot's shape at --scale, and
+#                   whose floor.json every side's hot run is compared with
+#                   (compare.md: "Hot room beside the floor")
 # --python-stock    run the unpatched 3.1.0 (the bench then cannot subscribe:
 #                   3.1.0's subscribe replies carry no requestId); default:
 #                   a one-function patch echoing requestId (ht_python_app.py)
@@ -62,6 +66,7 @@ with_centrifugo=1
 centrifugo_scenarios=" idle hot "
 echo_request_id=1
 probe=1
+floor=1
 sweep=50,100,200,400
 sweep_rate=50
 sweep_duration=2
@@ -81,6 +86,7 @@ while [ $# -gt 0 ]; do
     --no-centrifugo) with_centrifugo=0; shift ;;
     --python-stock) echo_request_id=0; shift ;;
     --no-probe) probe=0; shift ;;
+    --no-floor) floor=0; shift ;;
     --sweep) sweep=$2; shift 2 ;;
     --no-sweep) sweep=""; shift ;;
     --sweep-rate) sweep_rate=$2; shift 2 ;;
@@ -366,12 +372,36 @@ if [ "$probe" = 1 ]; then
   done
 fi
 
+# The floor probe (tests/bench/floor, see docs/performance.md "Floor
+# probe"): hot's shape at --scale, its sender on the servers' core, its
+# reader on the bench's; every side's hot run is then compared with it.
+floor_json=""
+run_floor() {
+  local dir spec n rates seconds payload cores=(- -)
+  dir=$(floor_build) || return 1
+  spec=$("$bench" floor-spec --scale "$scale") || return 1
+  read -r n rates seconds payload <<<"$spec"
+  [ ${#server_cpu[@]} = 0 ] || cores=(0 1)
+  log "floor (scale $scale: $n connections, $rates triggers/s, ${seconds}s each, $payload B; $dir)"
+  if floor_run "$dir" "$results/floor" "$n" "${cores[@]}" --rates "$rates" --duration "$seconds" \
+    --payload-bytes "$payload"; then
+    floor_json=$results/floor.json
+  else
+    log "the floor probe failed (see $results/floor.txt, $results/floor-sender.log): hot is not compared with it"
+  fi
+}
+
 for scenario in "${scenarios[@]}"; do
   impls=(rust python)
   [ -n "$centrifugo" ] && [[ "$centrifugo_scenarios" == *" $scenario "* ]] && impls+=(centrifugo)
+  with_floor=()
+  if [ "$scenario" = hot ] && [ "$floor" = 1 ]; then
+    run_floor || true
+    [ -z "$floor_json" ] || with_floor=(--floor "$floor_json")
+  fi
   for impl in "${impls[@]}"; do
     log "$scenario: $impl (scale $scale)"
-    bench_side "$impl" "$scenario" "$backend_port" -- scenario "$scenario" --scale "$scale" || true
+    bench_side "$impl" "$scenario" "$backend_port" -- scenario "$scenario" --scale "$scale" "${with_floor[@]}" || true
   done
 done
 

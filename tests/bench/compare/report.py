@@ -512,6 +512,68 @@ def centrifugo_section(results, meta, scenarios, details, md, out):
                                                               adv_text(adv, CF), esc(note)))
 
 
+def floor_section(results, meta, md, out):
+    """Every side's hot run beside the floor probe of the same run."""
+    floor = load_json(os.path.join(results, "floor.json"))
+    out["floor"] = None
+    if not floor or floor.get("tool") != "high-templar-floor":
+        return
+    sides = [(label, Side(results, impl, "hot")) for label, impl in
+             (("Rust", "rust"), ("{} {}".format(CF, meta.get("centrifugo", "")).strip(), "centrifugo"), (PY, "python"))]
+    sides = [(label, side) for label, side in sides if side.ran]
+    steps = (floor.get("summary") or {}).get("steps") or []
+    compared = {}
+    for label, side in sides:
+        compared[label] = {st.get("rate"): st for st in g(side.report, "floor", "steps") or []}
+    out["floor"] = {"floor": floor.get("summary"), "ok": floor.get("ok"), "connections": floor.get("connections"),
+                    "sides": {label: list(by_rate.values()) for label, by_rate in compared.items()}}
+    md.append("")
+    md.append("## Hot room beside the floor")
+    md.append("")
+    md.append("The floor probe (tests/bench/floor: one `send` per connection and round, C on raw epoll; "
+              "docs/performance.md \"Floor probe\") ran with hot's shape ({} connections) just before the hot "
+              "runs, its sender on core 0, its reader on core 1; correct: {}. Each cell: the side's figure, "
+              "then ×(side ÷ floor). The Rust gateway and Python get their triggers over RabbitMQ, Centrifugo "
+              "over its HTTP API; the floor builds each frame itself, so every server's latency includes its "
+              "publish path and the floor's does not. B: the bench's core was saturated in that step (its "
+              "figures may be the bench's).".format(floor.get("connections"), "yes" if floor.get("ok") else "**no**"))
+    md.append("")
+    head = "| triggers/s | floor deliveries/s | floor p99 ms | floor CPU µs/delivery |"
+    rule = "|---:|---:|---:|---:|"
+    for label, _ in sides:
+        head += " {0} deliveries/s | {0} p99 ms | {0} CPU µs/delivery |".format(label)
+        rule += "---:|---:|---:|"
+    md.append(head)
+    md.append(rule)
+
+    def cell(v, r, bound):
+        if v is None:
+            return "–"
+        return "{}{}{}".format(fmt(v), " (×{})".format(fmt(r)) if r is not None else "", " B" if bound else "")
+
+    for fs in steps:
+        rate = fs.get("rate")
+        row = "| {} | {} | {} | {} |".format(fmt(rate), fmt(fs.get("deliveries_per_second")), fmt(fs.get("p99_ms")),
+                                             fmt(fs.get("cpu_us_per_delivery")))
+        for label, _ in sides:
+            st = compared[label].get(rate)
+            if not st:
+                row += " – | – | – |"
+                continue
+            gw, bound = st.get("gateway") or {}, st.get("bench_bound")
+            row += " {} | {} | {} |".format(
+                cell(gw.get("deliveries_per_second"), st.get("deliveries_per_second_ratio"), bound),
+                cell(gw.get("p99_ms"), st.get("p99_ratio"), bound),
+                cell(gw.get("cpu_us_per_delivery"), st.get("cpu_per_delivery_ratio"), bound))
+        md.append(row)
+    for label, side in sides:
+        if not compared[label]:
+            md.append("")
+            md.append("* {}: no comparison ({})".format(label, esc(side.failure() or "its hot run has no floor steps")))
+        for note in g(side.report, "floor", "notes") or []:
+            md.append("* {}: {}".format(label, esc(note)))
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -626,6 +688,10 @@ def main():
 
     # Centrifugo
     centrifugo_section(results, meta, scenarios, details, md, out)
+
+    # The floor
+    if "hot" in scenarios:
+        floor_section(results, meta, md, out)
 
     # Sweep
     points = sweep_points(results, meta)
