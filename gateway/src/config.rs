@@ -47,6 +47,24 @@ pub struct Config {
     pub security: SecurityConfig,
     /// Live permissions: user identity and refreshes.
     pub permissions: PermissionsConfig,
+    /// How the fan-out hands deliveries to sockets.
+    pub fanout: FanoutConfig,
+}
+
+/// How the fan-out hands deliveries to sockets (docs/performance.md).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct FanoutConfig {
+    /// Write a delivery for a connection with nothing queued straight to
+    /// its socket, while that keeps up (`write_through`); false: always
+    /// queue it for the connection's task.
+    pub write_through: bool,
+}
+
+impl Default for FanoutConfig {
+    fn default() -> Self {
+        FanoutConfig { write_through: true }
+    }
 }
 
 /// A listen address, default `0.0.0.0:8080`.

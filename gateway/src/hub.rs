@@ -64,7 +64,8 @@ pub struct Hub {
 }
 
 impl Hub {
-    /// An empty hub reporting into `metrics`.
+    /// An empty hub reporting into `metrics`, writing through (see
+    /// [`Hub::set_write_through`]).
     pub fn new(metrics: Arc<Metrics>) -> Hub {
         Hub {
             index: Mutex::new(RoomIndex::new()),
@@ -180,6 +181,11 @@ impl Hub {
         }
     }
 
+    /// `fanout.writeThrough`: false queues every delivery.
+    pub fn set_write_through(&self, allowed: bool) {
+        self.write_through().allow(allowed);
+    }
+
     fn write_through(&self) -> MutexGuard<'_, WriteThroughPolicy> {
         // Plain numbers: consistent even if poisoned.
         self.write_through.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -201,6 +207,7 @@ impl Hub {
         let took = start.elapsed();
         self.write_through().record(Instant::now(), took, out.delivered, out.written_through);
         self.metrics.messages_delivered.inc_by(out.delivered);
+        self.metrics.messages_written_through.inc_by(out.written_through);
         if out.dropped > 0 {
             self.metrics.messages_dropped.get_or_create(&Reason { reason: "slow_consumer" }).inc_by(out.dropped);
         }

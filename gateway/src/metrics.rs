@@ -103,6 +103,8 @@ pub struct Metrics {
     pub triggers_rejected: Family<Reason, Counter>,
     /// Publish frames queued to a connection.
     pub messages_delivered: Counter,
+    /// Of those, written to the socket by the fan-out itself.
+    pub messages_written_through: Counter,
     /// Publish frames not delivered, by reason.
     pub messages_dropped: Family<Reason, Counter>,
     /// Connections closed by the gateway, by reason (`slow_consumer`, `idle`, …).
@@ -164,6 +166,7 @@ impl Metrics {
             triggers: Family::default(),
             triggers_rejected: Family::default(),
             messages_delivered: Counter::default(),
+            messages_written_through: Counter::default(),
             messages_dropped: Family::default(),
             disconnects: Family::default(),
             controls: Family::default(),
@@ -234,6 +237,11 @@ impl Metrics {
         r.register("triggers", "Triggers received", m.triggers.clone());
         r.register("triggers_rejected", "Triggers refused as malformed or unauthorised", m.triggers_rejected.clone());
         r.register("messages_delivered", "Publish frames queued to clients", m.messages_delivered.clone());
+        r.register(
+            "messages_written_through",
+            "Publish frames the fan-out wrote to an idle socket itself (part of messages_delivered)",
+            m.messages_written_through.clone(),
+        );
         r.register("messages_dropped", "Publish frames not delivered", m.messages_dropped.clone());
         r.register("disconnects", "Connections closed by the gateway", m.disconnects.clone());
         r.register("controls", "Control messages received, by action", m.controls.clone());

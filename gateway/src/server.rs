@@ -74,6 +74,7 @@ impl Server {
         config.validate()?;
         let metrics = Arc::new(Metrics::new());
         let hub = Arc::new(Hub::new(metrics.clone()));
+        hub.set_write_through(config.fanout.write_through);
         let broker: Arc<dyn Broker> = match config.broker.kind {
             BrokerKind::Memory => Arc::new(MemoryBroker::new(hub.clone())),
             BrokerKind::Amqp => Arc::new(AmqpBroker::start(

@@ -31,7 +31,9 @@ const INITIAL_COST: f64 = 8e-6;
 /// The write-through decision and what it is based on.
 #[derive(Debug, Clone)]
 pub struct WriteThroughPolicy {
-    /// Whether fan-outs write through now.
+    /// Whether writing through is allowed at all (`fanout.writeThrough`).
+    allowed: bool,
+    /// Whether fan-outs write through now (when allowed).
     on: bool,
     /// Start of the current window.
     window_start: Instant,
@@ -48,12 +50,24 @@ pub struct WriteThroughPolicy {
 impl WriteThroughPolicy {
     /// On, with nothing measured yet.
     pub fn new(now: Instant) -> WriteThroughPolicy {
-        WriteThroughPolicy { on: true, window_start: now, busy: Duration::ZERO, deliveries: 0, cost: INITIAL_COST }
+        WriteThroughPolicy {
+            allowed: true,
+            on: true,
+            window_start: now,
+            busy: Duration::ZERO,
+            deliveries: 0,
+            cost: INITIAL_COST,
+        }
+    }
+
+    /// Allows or forbids writing through.
+    pub fn allow(&mut self, allowed: bool) {
+        self.allowed = allowed;
     }
 
     /// Whether the next fan-out writes through.
     pub fn is_on(&self) -> bool {
-        self.on
+        self.allowed && self.on
     }
 
     /// Records a fan-out that ended at `now`, took `took`, reached

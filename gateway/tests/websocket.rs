@@ -400,7 +400,15 @@ async fn a_client_that_pauses_gets_every_frame_once_in_order() {
     // queued once the socket would block (a 4 KiB send buffer, 9.6 MB
     // against a receive buffer of at most 6 MB), and written by the
     // session when the client reads again; then written through again.
-    let gw = TestGateway::with_backend(&backend(), "limits: {outboundQueue: 1024, sendBufferBytes: 4096}").await;
+    for write_through in [true, false] {
+        pausing_client_gets_every_frame(write_through).await;
+    }
+}
+
+async fn pausing_client_gets_every_frame(write_through: bool) {
+    let config =
+        format!("limits: {{outboundQueue: 1024, sendBufferBytes: 4096}}\nfanout: {{writeThrough: {write_through}}}");
+    let gw = TestGateway::with_backend(&backend(), &config).await;
     let mut paused = gw.client("bob").await;
     assert_eq!(paused.subscribe(json!({"user": 2}), json!("p")).await["code"], "success");
     let pad = "x".repeat(16 * 1024);
@@ -417,6 +425,13 @@ async fn a_client_that_pauses_gets_every_frame_once_in_order() {
     }
     paused.expect_silence(Duration::from_millis(200)).await;
     assert_eq!(gw.metric(r#"hightemplar_messages_dropped_total{reason="slow_consumer"}"#).await, 0.0);
+    let written = gw.metric("hightemplar_messages_written_through_total").await;
+    if write_through {
+        // The first ones at least, and the last ten (the client reads each).
+        assert!(written >= 10.0 && written < 610.0, "some written through, some queued: {written}");
+    } else {
+        assert_eq!(written, 0.0);
+    }
 }
 
 /// Sends 60 triggers of 16 KiB (≈ 1 MiB) to a client that reads nothing;
