@@ -20,6 +20,8 @@
 #               or HTB_AMQP_URL)
 # --no-build    use the release binaries already in target/release
 # --no-floor    do not run the floor probe (hot's report has no ratios)
+# --no-write-through  the gateway with fanout.writeThrough false (every
+#               delivery queued for its session's task), to compare
 # --netns       run the gateway in its own network namespace behind a veth
 #               pair instead of on loopback (needs root and iproute2's ip;
 #               memory broker only), with receive packet steering so the
@@ -70,6 +72,7 @@ amqp_url="${HTB_AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}"
 build=1
 netns=0
 floor=1
+write_through=true
 scenarios=()
 extra=()
 while [ $# -gt 0 ]; do
@@ -83,6 +86,7 @@ while [ $# -gt 0 ]; do
     --netns) netns=1; shift ;;
     --) shift; extra=("$@"); break ;;
     --no-floor) floor=0; shift ;;
+    --no-write-through) write_through=false; shift ;;
     -h|--help) sed -n '2,58p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     idle|floor|hot|sparse|wildcard|storm|churn|admission) scenarios+=("$1"); shift ;;
     *) echo "scenarios.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
@@ -240,6 +244,8 @@ limits:
 shutdown:
   drainDelaySeconds: 0
   closeWindowSeconds: 1
+fanout:
+  writeThrough: $write_through
 EOF
 
 # start_gateway NAME CONFIG BACKEND-PORT: a gateway pinned like the others,
