@@ -101,3 +101,18 @@ floor_run() {
   pids=("${kept[@]}")
   [ "$rc" = 0 ] || return 1
 }
+
+# floor_hot BENCH SCALE PREFIX PIN: the floor probe with the hot scenario's
+# shape at SCALE (from BENCH floor-spec), built by floor_build, its sender
+# on core 0 and its reader on core 1 when PIN is 1 (unpinned otherwise);
+# writes PREFIX.json, PREFIX.txt and PREFIX-sender.log and returns as
+# floor_run does. Says what it runs on stderr.
+floor_hot() {
+  local bench=$1 scale=$2 prefix=$3 pin=$4 dir spec n rates seconds payload cores=(- -)
+  dir=$(floor_build) || return 1
+  spec=$("$bench" floor-spec --scale "$scale") || return 1
+  read -r n rates seconds payload <<<"$spec"
+  [ "$pin" != 1 ] || cores=(0 1)
+  echo "floor (scale $scale: $n connections, $rates triggers/s, ${seconds}s each, $payload B; $dir)" >&2
+  floor_run "$dir" "$prefix" "$n" "${cores[@]}" --rates "$rates" --duration "$seconds" --payload-bytes "$payload"
+}

@@ -315,14 +315,7 @@ EOF
 # reader on the bench's.
 floor_ok=0
 run_floor() {
-  local dir spec n rates seconds payload cores=(- -)
-  dir=$(floor_build) || return 1
-  spec=$("$bench" floor-spec --scale "$scale") || return 1
-  read -r n rates seconds payload <<<"$spec"
-  [ ${#server_cpu[@]} = 0 ] || cores=(0 1)
-  echo "scenarios: floor (scale $scale: $n connections, $rates triggers/s, ${seconds}s each, $payload B; $dir)"
-  if floor_run "$dir" "$results/floor" "$n" "${cores[@]}" --rates "$rates" --duration "$seconds" \
-    --payload-bytes "$payload"; then
+  if floor_hot "$bench" "$scale" "$results/floor" "$([ ${#server_cpu[@]} = 0 ] || echo 1)"; then
     cat "$results/floor.txt"
     floor_ok=1
   else

@@ -377,14 +377,8 @@ fi
 # reader on the bench's; every side's hot run is then compared with it.
 floor_json=""
 run_floor() {
-  local dir spec n rates seconds payload cores=(- -)
-  dir=$(floor_build) || return 1
-  spec=$("$bench" floor-spec --scale "$scale") || return 1
-  read -r n rates seconds payload <<<"$spec"
-  [ ${#server_cpu[@]} = 0 ] || cores=(0 1)
-  log "floor (scale $scale: $n connections, $rates triggers/s, ${seconds}s each, $payload B; $dir)"
-  if floor_run "$dir" "$results/floor" "$n" "${cores[@]}" --rates "$rates" --duration "$seconds" \
-    --payload-bytes "$payload"; then
+  log "floor probe before hot"
+  if floor_hot "$bench" "$scale" "$results/floor" "$([ ${#server_cpu[@]} = 0 ] || echo 1)"; then
     floor_json=$results/floor.json
   else
     log "the floor probe failed (see $results/floor.txt, $results/floor-sender.log): hot is not compared with it"
