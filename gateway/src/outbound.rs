@@ -103,6 +103,16 @@ struct State {
     refresh: Option<u64>,
 }
 
+/// The oldest of `frames`; an emptied queue above [`KEEP_CAPACITY`] gives
+/// its memory back.
+fn pop_front(frames: &mut VecDeque<Delivery>) -> Option<Delivery> {
+    let frame = frames.pop_front();
+    if frames.is_empty() && frames.capacity() > KEEP_CAPACITY {
+        *frames = VecDeque::new();
+    }
+    frame
+}
+
 impl std::fmt::Debug for State {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("State")
@@ -194,12 +204,7 @@ impl OutboundQueue {
 
     /// The oldest queued frame.
     pub fn pop(&self) -> Option<Delivery> {
-        let mut state = self.state();
-        let frame = state.frames.pop_front();
-        if frame.is_none() && state.frames.capacity() > KEEP_CAPACITY {
-            state.frames = VecDeque::new();
-        }
-        frame
+        pop_front(&mut self.state().frames)
     }
 
     /// Feeds queued frames (up to `max`) to the socket, popping each under
@@ -221,12 +226,9 @@ impl OutboundQueue {
                     return Poll::Pending;
                 }
             }
-            let Some(delivery) = state.frames.pop_front() else { break };
+            let Some(delivery) = pop_front(&mut state.frames) else { break };
             socket.start_send_unpin(Message::Text(delivery.text().into()))?;
             fed += 1;
-        }
-        if state.frames.is_empty() && state.frames.capacity() > KEEP_CAPACITY {
-            state.frames = VecDeque::new();
         }
         Poll::Ready(Ok(fed))
     }

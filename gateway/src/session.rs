@@ -417,10 +417,13 @@ async fn answer_frames(
             Incoming::Pong => {}
             Incoming::Ping => active = true,
             Incoming::Text(text) => {
-                active = true;
                 // Replies go before any publish the request leads to (a
-                // subscribe's success before its first publish).
-                session.queue.hold_writes();
+                // subscribe's success before its first publish): once per
+                // burst, released by its flush.
+                if !unflushed {
+                    session.queue.hold_writes();
+                }
+                active = true;
                 let reply = session.on_text(&text);
                 socket.feed(Message::Text(reply.into())).await.map_err(|_| Stop::ClientGone)?;
                 unflushed = true;
