@@ -21,6 +21,7 @@ use high_templar_e2e::node::Node;
 use high_templar_e2e::ws::{self, AmqpPublisher, Prober, Reconnecting};
 use high_templar_e2e::{create_namespace, eventually_within, repo_root};
 use high_templar_operator::crd::{HighTemplar, HighTemplarStatus};
+use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Pod, Secret, Service};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
@@ -95,6 +96,27 @@ fn install_as_the_readme_says(node: &Node) -> bool {
         node.report(&[RELEASE, "default"])
     );
     true
+}
+
+/// The operator's fleet period (`HT_FLEET_PERIOD_SECONDS` of its
+/// Deployment, as the chart sets it): how often it reads the pods and
+/// decides on replicas.
+async fn operator_fleet_period(client: &Client) -> Duration {
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), RELEASE);
+    let list = deployments
+        .list(&ListParams::default().labels("app.kubernetes.io/name=high-templar-operator"))
+        .await
+        .expect("list the operator's Deployment");
+    let seconds = list
+        .items
+        .iter()
+        .filter_map(|d| d.spec.as_ref()?.template.spec.as_ref())
+        .flat_map(|s| s.containers.iter())
+        .flat_map(|c| c.env.iter().flatten())
+        .find(|e| e.name == "HT_FLEET_PERIOD_SECONDS")
+        .and_then(|e| e.value.as_deref()?.parse::<u64>().ok())
+        .expect("the operator's Deployment sets HT_FLEET_PERIOD_SECONDS");
+    Duration::from_secs(seconds)
 }
 
 /// Label selector of the gateway pods of HighTemplar `name`.
@@ -694,17 +716,20 @@ async fn rollouts_keep_every_client_connected_through_the_service() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_above_the_target_add_a_pod_and_the_emptiest_goes_after_the_window() {
     const TARGET: u64 = 5;
-    const WINDOW: u64 = 20;
+    const WINDOW: u64 = 30;
     let node = Node::from_env();
     let t = Tenant::create(&node, "autoscale", 1).await;
+    let period = operator_fleet_period(&t.client).await;
     let first = wait_ready_replicas(&t.client, &t.ns, "chat", 1).await;
     let first_name = first[0].metadata.name.clone().expect("a pod name");
     // The ReplicaSet, left alone, removes the pod Ready for less time when
     // the two ready ages differ by at least a power of two (it ranks them
     // in log2 buckets, else by UID): an old first pod makes it remove the
     // new one, so only the deletion cost can make it remove the first.
+    // 60 s: the new pod is Ready for up to about 45 s at the scale-down
+    // (the start, the window, one fleet period), the first twice as long.
     let first_ready = ready_since(&first[0]);
-    let wait = (first_ready + 40 - k8s_openapi::jiff::Timestamp::now().as_second()).max(0);
+    let wait = (first_ready + 60 - k8s_openapi::jiff::Timestamp::now().as_second()).max(0);
     tokio::time::sleep(Duration::from_secs(wait.unsigned_abs())).await;
     let first_url = format!("ws://{}:8080/ws/", pod_ip(&first[0]).expect("a pod IP"));
     let autoscaling = json!({
@@ -769,11 +794,19 @@ async fn connections_above_the_target_add_a_pod_and_the_emptiest_goes_after_the_
     let mover = mover.stop().await;
     println!(
         "connection autoscaling: 2 pods Ready {:.1}s after 9 connections (target {TARGET}), back to 1 pod \
-         {:.1}s after the burst closed (window {WINDOW}s), {attempts} probes",
+         {:.1}s after the burst closed (window {WINDOW}s, fleet period {period:?}), {attempts} probes",
         scaled_up.as_secs_f64(),
         scaled_down.as_secs_f64()
     );
-    assert!(scaled_down >= Duration::from_secs(WINDOW), "scaled down before the window: {scaled_down:?}");
+    // The window runs from the last scrape that still saw the burst, which
+    // came up to one fleet period (plus a second of scrape jitter) before
+    // the burst closed; without the window the next scrape, within one
+    // period, would scale down.
+    let earliest = Duration::from_secs(WINDOW).saturating_sub(period + Duration::from_secs(1));
+    assert!(
+        scaled_down >= earliest,
+        "scaled down before the window: {scaled_down:?} after the close, window {WINDOW} s, fleet period {period:?}"
+    );
     assert!(probe_failures.is_empty(), "new connections through the Service failed: {probe_failures:?}");
     assert!(mover.failed_connects.is_empty() && mover.other_ends.is_empty(), "{mover:?}");
     for c in stay {
