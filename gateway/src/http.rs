@@ -6,7 +6,6 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
@@ -20,6 +19,8 @@ use crate::gateway::Gateway;
 use crate::metrics::{Reason, TriggerSource};
 use crate::session;
 use crate::trigger::Published;
+use crate::websocket::Upgrade;
+use tungstenite::protocol::WebSocketConfig;
 
 /// Read buffer per websocket, kept for the connection's whole life; larger
 /// client messages still work (the buffer grows for them), up to
@@ -77,7 +78,7 @@ async fn websocket(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     uri: Uri,
     headers: HeaderMap,
-    upgrade: WebSocketUpgrade,
+    upgrade: Upgrade,
 ) -> Response {
     let refuse_with = |status: StatusCode, reason: &'static str, message: &'static str| {
         gateway.metrics.connections_refused.get_or_create(&Reason { reason }).inc();
@@ -128,21 +129,19 @@ async fn websocket(
     };
     let max = gateway.config.limits.max_message_bytes;
     let tracker = gateway.sessions.clone();
-    upgrade
-        .max_message_size(max)
-        .max_frame_size(max)
+    let config = WebSocketConfig::default()
+        .max_message_size(Some(max))
+        .max_frame_size(Some(max))
         // tungstenite's defaults (128 KiB each) cost memory per connection
         // and a 128 KiB memset per read; client frames are small, and
         // publish frames are batched per flush anyway.
         .read_buffer_size(READ_BUFFER_BYTES)
-        .write_buffer_size(WRITE_BUFFER_BYTES)
-        .on_failed_upgrade(|e| warn!(error = %e, "websocket upgrade failed"))
-        // A task of its own rather than axum's upgrade task: that one keeps
-        // the upgrade's settings alive next to the session for its whole
-        // life (≈ 200 bytes per connection).
-        .on_upgrade(move |socket| async move {
-            tracker.spawn(session::run(socket, gateway, admitted, backend_headers, peer));
-        })
+        .write_buffer_size(WRITE_BUFFER_BYTES);
+    // A task of its own rather than the upgrade's: that one would keep the
+    // upgrade's state alive next to the session for its whole life.
+    upgrade.accept(config, move |socket| {
+        tracker.spawn(session::run(socket, gateway, admitted, backend_headers, peer));
+    })
 }
 
 /// `Authorization: Bearer <token>` (the scheme case-insensitive, RFC 7235

@@ -44,6 +44,8 @@
 //! - [`listener`]: `Listener`, the accept loop and HTTP/1 up to the
 //!   upgrade, with its header and write deadlines and pending-connection cap.
 //! - [`linger`]: `ServedStream`, the accepted stream and its lingering close.
+//! - [`websocket`]: the upgrade to a websocket, and `ClientStream`, the
+//!   accepted stream under it, which the fan-out can write a frame to.
 //! - [`server`]: `Server`, bind, serve, graceful shutdown.
 //! - [`metrics`]: Prometheus families.
 //! - [`log_throttle`]: `LogThrottle`, rate-limited warnings for events
@@ -84,4 +86,5 @@ pub mod server;
 pub mod session;
 pub mod tls;
 pub mod trigger;
+pub mod websocket;
 pub mod write_through;

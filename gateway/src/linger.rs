@@ -105,6 +105,16 @@ impl ServedStream {
         self.blocked.clone()
     }
 
+    /// One non-blocking vectored write, outside tokio's cooperative budget
+    /// (the fan-out's write-through, after the upgrade); `WouldBlock` when
+    /// the socket is full.
+    pub fn try_write_vectored(&self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        let tcp = self.tcp.as_ref().ok_or_else(|| io::Error::from(io::ErrorKind::NotConnected))?;
+        // Not recorded in `blocked`: only the watchdog before the upgrade
+        // reads it, and this runs after (a cold line saved per delivery).
+        tcp.try_write_vectored(bufs)
+    }
+
     fn tcp(&mut self) -> io::Result<Pin<&mut TcpStream>> {
         // `tcp` is only taken in `drop`.
         self.tcp.as_mut().map(Pin::new).ok_or_else(|| io::Error::from(io::ErrorKind::NotConnected))

@@ -6,12 +6,19 @@
 //! The queue also holds the session's websocket once the session is
 //! authorised, so a delivery can skip the queue: when nothing is queued or
 //! being written for the session, the fan-out writes the frame itself
-//! with one non-blocking write ([`OutboundQueue::push`] with
-//! `write_through`), and the session's task is not woken at all. Anything
-//! that cannot go out at once stays with the socket (tungstenite's write
-//! buffer) and the session is woken to finish it, as for queued frames.
+//! with one non-blocking vectored write straight to the socket
+//! ([`OutboundQueue::push`] with `write_through`,
+//! [`crate::websocket::ClientStream::write_frame`]), and the session's task
+//! is not woken at all. Anything that cannot go out at once stays with the
+//! socket and the session is woken to finish it, as for queued frames.
 //! The session does all its own socket I/O through [`QueueSocket`], under
 //! the same lock, so frames leave in the order they were queued or fed.
+//!
+//! Invariant: `write_pending` is false only when tungstenite holds no
+//! bytes of its own (its write buffer and its queued pong are empty):
+//! every frame the session starts, and every ping or close it reads (which
+//! tungstenite answers), sets it, and only a completed flush clears it. So
+//! a frame written through never lands inside one of tungstenite's.
 //!
 //! Hand-made rather than a channel crate's because of what an idle
 //! connection costs: the queue allocates nothing until its first delivery
@@ -23,11 +30,13 @@
 use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 
-use axum::extract::ws::{Message, WebSocket};
 use futures_util::task::AtomicWaker;
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
+use tungstenite::{Error, Message};
+
+use crate::websocket::{Socket, Written};
 
 /// One publish frame for one subscription, as two shared halves: the
 /// trigger's prefix (built once per trigger) and the subscription's
@@ -88,7 +97,7 @@ pub enum Ready {
 struct State {
     /// The session's websocket, from [`OutboundQueue::attach`] to
     /// [`OutboundQueue::detach`].
-    socket: Option<Box<WebSocket>>,
+    socket: Option<Box<Socket>>,
     /// A write is unfinished (the socket would block, or the session is
     /// answering client frames whose replies must go first): frames are
     /// queued, not written through, until the session's next flush ends.
@@ -153,12 +162,12 @@ impl OutboundQueue {
     /// Gives the queue the session's websocket: from now on the session
     /// reads and writes through [`QueueSocket`], and pushes may write
     /// through.
-    pub fn attach(&self, socket: Box<WebSocket>) {
+    pub fn attach(&self, socket: Box<Socket>) {
         self.state().socket = Some(socket);
     }
 
     /// Takes the websocket back (the session is closing).
-    pub fn detach(&self) -> Option<Box<WebSocket>> {
+    pub fn detach(&self) -> Option<Box<Socket>> {
         self.state().socket.take()
     }
 
@@ -166,9 +175,6 @@ impl OutboundQueue {
     /// `write_through`, a delivery for a session with nothing queued or
     /// being written goes to its socket at once (one non-blocking write):
     /// the session is woken only if the socket did not take all of it.
-    /// Must run outside tokio's cooperative budget
-    /// (`tokio::task::unconstrained`): inside it, the socket refuses
-    /// writes once the calling task's budget is spent.
     pub fn push(&self, delivery: Delivery, write_through: bool) -> Pushed {
         let pushed = {
             let mut state = self.state();
@@ -211,7 +217,7 @@ impl OutboundQueue {
     /// the same lock as the write so that no write-through overtakes them;
     /// returns how many. Pending when the socket takes no more for now
     /// (the rest stays queued; `cx` is woken when it can take more).
-    pub fn poll_feed(&self, cx: &mut Context<'_>, max: usize) -> Poll<Result<usize, axum::Error>> {
+    pub fn poll_feed(&self, cx: &mut Context<'_>, max: usize) -> Poll<Result<usize, Error>> {
         let mut state = self.state();
         let state = &mut *state;
         let Some(socket) = state.socket.as_mut() else { return Poll::Ready(Err(no_socket())) };
@@ -227,6 +233,7 @@ impl OutboundQueue {
                 }
             }
             let Some(delivery) = pop_front(&mut state.frames) else { break };
+            state.write_pending = true;
             socket.start_send_unpin(Message::Text(delivery.text().into()))?;
             fed += 1;
         }
@@ -298,37 +305,14 @@ impl OutboundQueue {
     }
 }
 
-/// What a write-through did.
-enum Written {
-    /// The socket took the whole frame.
-    Whole,
-    /// The frame is in the socket's buffer, not all of it sent (or the
-    /// socket failed): the session must flush.
-    Partly,
-    /// The socket's buffer is full: the frame was not taken.
-    NotTaken,
+/// Writes `delivery` straight to `socket` without waiting. The caller
+/// makes sure tungstenite holds nothing (`write_pending` is false).
+fn write_now(socket: &mut Socket, delivery: &Delivery) -> Written {
+    socket.get_mut().write_frame(delivery.prefix.as_bytes(), delivery.suffix.as_bytes())
 }
 
-/// Writes `delivery` to `socket` without waiting.
-fn write_now(socket: &mut WebSocket, delivery: &Delivery) -> Written {
-    // Nobody is to be woken by this write: if the socket would block, the
-    // session is woken by the caller and polls it again with its own
-    // waker, which replaces this one.
-    let mut cx = Context::from_waker(Waker::noop());
-    if !matches!(socket.poll_ready_unpin(&mut cx), Poll::Ready(Ok(()))) {
-        return Written::NotTaken;
-    }
-    if socket.start_send_unpin(Message::Text(delivery.text().into())).is_err() {
-        return Written::Partly;
-    }
-    match socket.poll_flush_unpin(&mut cx) {
-        Poll::Ready(Ok(())) => Written::Whole,
-        _ => Written::Partly,
-    }
-}
-
-fn no_socket() -> axum::Error {
-    axum::Error::new("the session's websocket is no longer attached")
+fn no_socket() -> Error {
+    Error::AlreadyClosed
 }
 
 /// The session's own view of its websocket while the queue holds it: a
@@ -339,20 +323,26 @@ fn no_socket() -> axum::Error {
 pub struct QueueSocket<'a>(pub &'a OutboundQueue);
 
 impl Stream for QueueSocket<'_> {
-    type Item = Result<Message, axum::Error>;
+    type Item = Result<Message, Error>;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        match self.0.state().socket.as_mut() {
-            Some(socket) => socket.poll_next_unpin(cx),
-            None => Poll::Ready(None),
+        let mut state = self.0.state();
+        let state = &mut *state;
+        let Some(socket) = state.socket.as_mut() else { return Poll::Ready(None) };
+        let polled = socket.poll_next_unpin(cx);
+        if let Poll::Ready(Some(Ok(Message::Ping(_) | Message::Close(_)))) = &polled {
+            // tungstenite has queued its answer (pong, close): no
+            // write-through until a flush has sent it.
+            state.write_pending = true;
         }
+        polled
     }
 }
 
 impl Sink<Message> for QueueSocket<'_> {
-    type Error = axum::Error;
+    type Error = Error;
 
-    fn poll_ready(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), axum::Error>> {
+    fn poll_ready(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
         let mut state = self.0.state();
         let state = &mut *state;
         let Some(socket) = state.socket.as_mut() else { return Poll::Ready(Err(no_socket())) };
@@ -363,14 +353,16 @@ impl Sink<Message> for QueueSocket<'_> {
         poll
     }
 
-    fn start_send(self: Pin<&mut Self>, item: Message) -> Result<(), axum::Error> {
-        match self.0.state().socket.as_mut() {
-            Some(socket) => socket.start_send_unpin(item),
-            None => Err(no_socket()),
-        }
+    fn start_send(self: Pin<&mut Self>, item: Message) -> Result<(), Error> {
+        let mut state = self.0.state();
+        let state = &mut *state;
+        let Some(socket) = state.socket.as_mut() else { return Err(no_socket()) };
+        // In tungstenite's buffer until the next completed flush.
+        state.write_pending = true;
+        socket.start_send_unpin(item)
     }
 
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), axum::Error>> {
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
         let mut state = self.0.state();
         let state = &mut *state;
         let Some(socket) = state.socket.as_mut() else { return Poll::Ready(Err(no_socket())) };
@@ -383,8 +375,11 @@ impl Sink<Message> for QueueSocket<'_> {
         poll
     }
 
-    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), axum::Error>> {
-        match self.0.state().socket.as_mut() {
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        let mut state = self.0.state();
+        let state = &mut *state;
+        state.write_pending = true;
+        match state.socket.as_mut() {
             Some(socket) => socket.poll_close_unpin(cx),
             None => Poll::Ready(Ok(())),
         }

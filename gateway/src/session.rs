@@ -29,7 +29,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use tungstenite::protocol::CloseFrame;
+use tungstenite::{Message, Utf8Bytes};
 
 use crate::admission::Admitted;
 use axum::http::{HeaderName, HeaderValue};
@@ -48,6 +49,7 @@ use crate::outbound::{OutboundQueue, QueueSocket, Ready};
 use crate::protocol::{self, ClientFrame, RequestError, RequestId, RequestIdField};
 use crate::refresh::Refresh;
 use crate::room::Room;
+use crate::websocket::Socket;
 
 /// Close code when a client message exceeds `limits.maxMessageBytes`.
 pub const CLOSE_TOO_BIG: u16 = 1009;
@@ -284,7 +286,7 @@ impl Drop for OpenConnection {
 }
 
 fn close_message(code: u16, reason: &'static str) -> Message {
-    Message::Close(Some(CloseFrame { code, reason: Utf8Bytes::from_static(reason) }))
+    Message::Close(Some(CloseFrame { code: code.into(), reason: Utf8Bytes::from_static(reason) }))
 }
 
 /// When the session's one timer must next look at the session.
@@ -388,7 +390,7 @@ enum Incoming {
 }
 
 impl Incoming {
-    fn read(frame: Option<Result<Message, axum::Error>>) -> Result<Incoming, Stop> {
+    fn read(frame: Option<Result<Message, tungstenite::Error>>) -> Result<Incoming, Stop> {
         match frame {
             None => Err(Stop::ClientGone),
             Some(Err(e)) => Err(read_error(&e)),
@@ -396,7 +398,8 @@ impl Incoming {
             Some(Ok(Message::Text(t))) => Ok(Incoming::Text(t)),
             Some(Ok(Message::Binary(b))) => Ok(Incoming::Text(Utf8Bytes::try_from(b).unwrap_or_default())),
             Some(Ok(Message::Ping(_))) => Ok(Incoming::Ping),
-            Some(Ok(Message::Pong(_))) => Ok(Incoming::Pong),
+            // Not produced by reading (raw frames are for writing only).
+            Some(Ok(Message::Pong(_) | Message::Frame(_))) => Ok(Incoming::Pong),
         }
     }
 }
@@ -407,7 +410,7 @@ impl Incoming {
 async fn answer_frames(
     socket: &mut QueueSocket<'_>,
     session: &mut Session,
-    first: Option<Result<Message, axum::Error>>,
+    first: Option<Result<Message, tungstenite::Error>>,
 ) -> Result<bool, Stop> {
     let mut frame = first;
     let mut active = false;
@@ -447,19 +450,13 @@ async fn answer_frames(
 /// Why reading failed: a size limit (`Capacity`), a protocol violation, a
 /// text frame that is not UTF-8 (each answered with its close code, RFC
 /// 6455 §7.1.7), or the connection itself (nothing to answer).
-fn read_error(e: &axum::Error) -> Stop {
-    // axum wraps the tungstenite error.
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = source {
-        match err.downcast_ref::<tungstenite::Error>() {
-            Some(tungstenite::Error::Capacity(_)) => return Stop::TooBig,
-            Some(tungstenite::Error::Protocol(_)) => return Stop::ProtocolError,
-            Some(tungstenite::Error::Utf8(_)) => return Stop::InvalidUtf8,
-            Some(_) => return Stop::ClientGone,
-            None => source = err.source(),
-        }
+fn read_error(e: &tungstenite::Error) -> Stop {
+    match e {
+        tungstenite::Error::Capacity(_) => Stop::TooBig,
+        tungstenite::Error::Protocol(_) => Stop::ProtocolError,
+        tungstenite::Error::Utf8(_) => Stop::InvalidUtf8,
+        _ => Stop::ClientGone,
     }
-    Stop::ClientGone
 }
 
 /// Drives one websocket from bootstrap to close.
@@ -469,7 +466,7 @@ fn read_error(e: &axum::Error) -> Stop {
 /// connection costs) holds a pointer instead of the socket, which rustc
 /// would otherwise store twice (argument and local).
 pub fn run(
-    socket: WebSocket,
+    socket: Socket,
     gateway: Arc<Gateway>,
     admitted: Option<Admitted>,
     backend_headers: Vec<(HeaderName, HeaderValue)>,
@@ -479,7 +476,7 @@ pub fn run(
 }
 
 async fn serve(
-    mut socket: Box<WebSocket>,
+    mut socket: Box<Socket>,
     gateway: Arc<Gateway>,
     admitted: Option<Admitted>,
     backend_headers: Vec<(HeaderName, HeaderValue)>,

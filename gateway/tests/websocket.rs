@@ -6,7 +6,9 @@ mod common;
 use std::time::Duration;
 
 use common::{Answer, Client, Ended, TestBackend, TestGateway, eventually, http_get};
+use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
 
 fn backend() -> TestBackend {
     TestBackend::new()
@@ -431,6 +433,58 @@ async fn pausing_client_gets_every_frame(write_through: bool) {
         assert!((10.0..610.0).contains(&written), "some written through, some queued: {written}");
     } else {
         assert_eq!(written, 0.0);
+    }
+}
+
+#[tokio::test]
+async fn pings_between_frames_written_through_leave_every_frame_whole() {
+    // The gateway answers each ping with a pong written by tungstenite,
+    // while the fan-out writes publish frames straight to the socket; a
+    // 4 KiB send buffer makes most of those writes partial. A pong inside
+    // a publish frame (or a publish frame inside a pong) breaks the
+    // client's framing, and the client reports a protocol error.
+    let config = "limits: {outboundQueue: 1024, sendBufferBytes: 4096}\nfanout: {writeThrough: true}";
+    let gw = TestGateway::with_backend(&backend(), config).await;
+    let mut client = gw.client("bob").await;
+    assert_eq!(client.subscribe(json!({"user": 2}), json!("p")).await["code"], "success");
+    // 9.6 MB against a receive buffer of at most 6 MB: the socket fills.
+    let pad = "x".repeat(16 * 1024);
+    for i in 0..600u32 {
+        client.ws.send(Message::Ping(i.to_be_bytes().to_vec().into())).await.expect("ping");
+        assert_eq!(gw.trigger(&json!({"rooms": [{"user": 2}], "data": {"i": i, "pad": pad}})).await, 202);
+    }
+    let mut next = 0;
+    while next < 600 {
+        let msg = tokio::time::timeout(Duration::from_secs(10), client.ws.next())
+            .await
+            .expect("a frame within 10 s")
+            .expect("stream open")
+            .unwrap_or_else(|e| panic!("frame {next}: {e}"));
+        match msg {
+            Message::Text(t) => {
+                let got: Value = serde_json::from_str(&t).expect("JSON");
+                assert_eq!((got["requestId"].clone(), got["data"]["i"].clone()), (json!("p"), json!(next)), "in order");
+                next += 1;
+            }
+            Message::Pong(_) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    // Pongs came in between (tungstenite answers the latest ping it has
+    // not answered yet); the connection still answers one.
+    assert!(client_has_pong(&mut client).await, "no pong came back");
+    assert!(gw.metric("hightemplar_messages_written_through_total").await >= 1.0);
+}
+
+/// Sends one more ping and waits for its pong.
+async fn client_has_pong(client: &mut Client) -> bool {
+    client.ws.send(Message::Ping(b"last".to_vec().into())).await.expect("ping");
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), client.ws.next()).await {
+            Ok(Some(Ok(Message::Pong(p)))) => return &p[..] == b"last",
+            Ok(Some(Ok(_))) => continue,
+            _ => return false,
+        }
     }
 }
 
