@@ -404,6 +404,48 @@ mod tests {
         Delivery { prefix: Arc::from(format!("{n}")), suffix: Arc::from("}") }
     }
 
+    /// A server websocket over a real loopback pair, and its client.
+    async fn websocket_pair() -> (Socket, tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>) {
+        use tungstenite::protocol::Role;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let peer = tokio::net::TcpStream::connect(listener.local_addr().expect("address")).await.expect("connect");
+        let (ours, _) = listener.accept().await.expect("accept");
+        let stream = crate::websocket::ClientStream::new(crate::linger::ServedStream::new(
+            ours,
+            crate::linger::Lingering::new(1),
+        ));
+        let server = tokio_tungstenite::WebSocketStream::from_raw_socket(stream, Role::Server, None).await;
+        let client = tokio_tungstenite::WebSocketStream::from_raw_socket(peer, Role::Client, None).await;
+        (server, client)
+    }
+
+    #[tokio::test]
+    async fn a_ping_read_holds_write_through_until_its_pong_is_flushed() {
+        let (server, mut client) = websocket_pair().await;
+        let q = OutboundQueue::new(8);
+        q.attach(Box::new(server));
+        assert_eq!(q.push(delivery(1), true), Pushed::Written, "an idle socket is written through");
+        client.send(Message::Ping(b"p".to_vec().into())).await.expect("ping");
+        let mut socket = QueueSocket(&q);
+        assert!(matches!(socket.next().await, Some(Ok(Message::Ping(_)))));
+        // tungstenite holds the pong: a frame written now could cut into it.
+        assert_eq!(q.push(delivery(2), true), Pushed::Queued);
+        std::future::poll_fn(|cx| q.poll_feed(cx, 8)).await.expect("feed");
+        socket.flush().await.expect("flush");
+        assert_eq!(q.push(delivery(3), true), Pushed::Written, "written through again after the flush");
+        let mut got = Vec::new();
+        while got.len() < 4 {
+            match client.next().await.expect("open").expect("frame") {
+                Message::Text(t) => got.push(t.to_string()),
+                Message::Pong(p) => got.push(format!("pong {}", String::from_utf8_lossy(&p))),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        // tungstenite puts its pong after the frame it was given with it;
+        // the frame written through comes after both, whole.
+        assert_eq!(got, ["1}", "2}", "pong p", "3}"]);
+    }
+
     #[test]
     fn allocates_nothing_until_used_and_gives_back_after_a_burst() {
         let q = OutboundQueue::new(1024);
