@@ -196,14 +196,10 @@ impl Hub {
     pub fn fan_out(&self, trigger: &Trigger) -> FanOut {
         let start = Instant::now();
         let write_through = self.write_through().is_on();
-        // Outside tokio's cooperative budget: inside it, a socket refuses
-        // writes once the calling task's budget is spent (after 128, and
-        // a room has thousands), and those deliveries would fall back to
-        // waking their sessions. The closure is ready at its first poll.
-        let out = futures_util::FutureExt::now_or_never(tokio::task::unconstrained(std::future::poll_fn(|_| {
-            std::task::Poll::Ready(self.fan_out_now(trigger, write_through))
-        })))
-        .unwrap_or_default();
+        // A write-through is `try_write_vectored`, which tokio's
+        // cooperative budget does not limit (a polled write would be
+        // refused after the task's 128th), so no `unconstrained` here.
+        let out = self.fan_out_now(trigger, write_through);
         let took = start.elapsed();
         self.write_through().record(Instant::now(), took, out.delivered, out.written_through);
         self.metrics.messages_delivered.inc_by(out.delivered);
