@@ -407,14 +407,8 @@ mod tests {
     /// A server websocket over a real loopback pair, and its client.
     async fn websocket_pair() -> (Socket, tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>) {
         use tungstenite::protocol::Role;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let peer = tokio::net::TcpStream::connect(listener.local_addr().expect("address")).await.expect("connect");
-        let (ours, _) = listener.accept().await.expect("accept");
-        let stream = crate::websocket::ClientStream::new(crate::linger::ServedStream::new(
-            ours,
-            crate::linger::Lingering::new(1),
-        ));
-        let server = tokio_tungstenite::WebSocketStream::from_raw_socket(stream, Role::Server, None).await;
+        let (ours, peer) = crate::websocket::tests::pair().await;
+        let server = tokio_tungstenite::WebSocketStream::from_raw_socket(ours, Role::Server, None).await;
         let client = tokio_tungstenite::WebSocketStream::from_raw_socket(peer, Role::Client, None).await;
         (server, client)
     }

@@ -287,12 +287,12 @@ impl Upgrade {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// A real loopback pair: our side with a small send buffer, and the
-    /// peer, which does not read until told.
-    async fn pair() -> (ClientStream, tokio::net::TcpStream) {
+    /// peer (with a small receive buffer), which does not read until told.
+    pub(crate) async fn pair() -> (ClientStream, tokio::net::TcpStream) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let peer = tokio::net::TcpStream::connect(listener.local_addr().expect("address")).await.expect("connect");
         let (ours, _) = listener.accept().await.expect("accept");
