@@ -196,7 +196,7 @@ impl Hub {
     pub fn fan_out(&self, trigger: &Trigger) -> FanOut {
         let start = Instant::now();
         let write_through = self.write_through().is_on();
-        // A write-through is `try_write_vectored`, which tokio's
+        // A write-through is a `try_io` send, which tokio's
         // cooperative budget does not limit (a polled write would be
         // refused after the task's 128th), so no `unconstrained` here.
         let out = self.fan_out_now(trigger, write_through);

@@ -7,9 +7,10 @@
 //! hyper's type-erased `Upgraded` (a boxed rewind buffer under two adapter
 //! layers), which every write crosses, and hides the socket. Owning it lets
 //! the fan-out write a publish frame the way the floor probe does: one
-//! vectored `send` of the frame header and the delivery's two shared
-//! halves, with no copy into tungstenite's write buffer
-//! ([`ClientStream::write_frame`]).
+//! `send` of the frame header and the delivery's two shared halves, with
+//! no copy into tungstenite's write buffer ([`ClientStream::write_frame`]),
+//! and the session write what queued for it with one `sendmsg`
+//! ([`ClientStream::write_frames`]).
 //!
 //! Ordering: bytes a write-through could not send at once stay in the
 //! stream's `tail`, and every write tungstenite makes goes through
@@ -46,6 +47,24 @@ pub struct ClientStream {
     tail: Vec<u8>,
 }
 
+/// Frames [`ClientStream::write_frames`] sends at most at once (three
+/// slices each, well under Linux's `IOV_MAX` of 1 024).
+pub const FRAMES_PER_SEND: usize = 64;
+
+/// Frames up to this size (header included) are copied into one buffer
+/// for their write-through; ordinary publish frames are a few hundred bytes.
+const SMALL_FRAME: usize = 512;
+
+/// What [`ClientStream::write_frames`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FramesSent {
+    /// Frames the socket took whole, the first ones given.
+    pub whole: usize,
+    /// The socket also took part of the next frame: the rest is kept, and
+    /// the next flush must send it.
+    pub partly: bool,
+}
+
 /// What [`ClientStream::write_frame`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Written {
@@ -65,9 +84,9 @@ impl ClientStream {
     }
 
     /// Writes one unmasked, unfragmented text frame whose payload is
-    /// `head` then `rest`, without waiting: one vectored `send`, made
-    /// outside tokio's cooperative budget. Only while tungstenite has
-    /// nothing buffered (see the module comment).
+    /// `head` then `rest`, without waiting: one `send`, made outside
+    /// tokio's cooperative budget. Only while tungstenite has nothing
+    /// buffered (see the module comment).
     pub fn write_frame(&mut self, head: &[u8], rest: &[u8]) -> Written {
         if !self.tail.is_empty() {
             return Written::NotTaken;
@@ -76,7 +95,21 @@ impl ClientStream {
         let header = text_frame_header(head.len() + rest.len(), &mut header);
         let parts = [header, head, rest];
         let total = header.len() + head.len() + rest.len();
-        match self.inner.try_write_vectored(&parts.map(IoSlice::new)) {
+        // A small frame is copied into one buffer and sent as the floor
+        // probe sends (`send` of one buffer costs the kernel less than
+        // `sendmsg` of three); a large one is sent from where it lies.
+        let mut joined = [0u8; SMALL_FRAME];
+        let sent = if total <= SMALL_FRAME {
+            let mut at = 0;
+            for part in parts {
+                joined[at..at + part.len()].copy_from_slice(part);
+                at += part.len();
+            }
+            self.inner.try_send(&joined[..total])
+        } else {
+            self.inner.try_send_vectored(&parts.map(IoSlice::new))
+        };
+        match sent {
             Ok(n) if n >= total => Written::Whole,
             Ok(n) => {
                 self.keep_from(&parts, n);
@@ -90,6 +123,48 @@ impl ClientStream {
                 Written::Partly
             }
         }
+    }
+
+    /// Writes up to [`FRAMES_PER_SEND`] frames as [`ClientStream::write_frame`]
+    /// does one, with one `sendmsg` for all: the session's way to write what
+    /// queued for it, with no copy and one system call. Says how many frames
+    /// the socket took whole, and whether it took part of the next one (whose
+    /// rest is kept for the next flush, as a write-through's). Takes nothing
+    /// when the socket is full or fails (the caller's polled write then waits
+    /// or meets the error).
+    pub fn write_frames<'a>(&mut self, frames: impl Iterator<Item = (&'a [u8], &'a [u8])>) -> FramesSent {
+        let nothing = FramesSent { whole: 0, partly: false };
+        if !self.tail.is_empty() {
+            return nothing;
+        }
+        let mut headers = [[0u8; 10]; FRAMES_PER_SEND];
+        let mut lens = [0usize; FRAMES_PER_SEND];
+        let mut bodies: [(&[u8], &[u8]); FRAMES_PER_SEND] = [(&[], &[]); FRAMES_PER_SEND];
+        let mut count = 0;
+        for (frame, (head, rest)) in frames.take(FRAMES_PER_SEND).enumerate() {
+            lens[frame] = text_frame_header(head.len() + rest.len(), &mut headers[frame]).len();
+            bodies[frame] = (head, rest);
+            count = frame + 1;
+        }
+        let mut slices = [IoSlice::new(&[]); 3 * FRAMES_PER_SEND];
+        for frame in 0..count {
+            slices[3 * frame] = IoSlice::new(&headers[frame][..lens[frame]]);
+            slices[3 * frame + 1] = IoSlice::new(bodies[frame].0);
+            slices[3 * frame + 2] = IoSlice::new(bodies[frame].1);
+        }
+        let Ok(mut sent) = self.inner.try_send_vectored(&slices[..3 * count]) else { return nothing };
+        for frame in 0..count {
+            let parts = [&headers[frame][..lens[frame]], bodies[frame].0, bodies[frame].1];
+            let len: usize = parts.iter().map(|p| p.len()).sum();
+            if sent < len {
+                if sent > 0 {
+                    self.keep_from(&parts, sent);
+                }
+                return FramesSent { whole: frame, partly: sent > 0 };
+            }
+            sent -= len;
+        }
+        FramesSent { whole: count, partly: false }
     }
 
     /// Keeps what follows the first `sent` bytes of `parts`.
@@ -299,6 +374,46 @@ pub(crate) mod tests {
         socket2::SockRef::from(&ours).set_send_buffer_size(4096).expect("SO_SNDBUF");
         socket2::SockRef::from(&peer).set_recv_buffer_size(4096).expect("SO_RCVBUF");
         (ClientStream::new(ServedStream::new(ours, crate::linger::Lingering::new(1))), peer)
+    }
+
+    #[tokio::test]
+    async fn frames_sent_together_come_whole_and_in_order_before_any_later_write() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut ours, mut peer) = pair().await;
+        let payloads: Vec<Vec<u8>> = (0..1000u32).map(|n| format!("{n:04}").repeat(200).into_bytes()).collect();
+        let mut taken = 0;
+        let mut calls = 0;
+        // Batches until the socket takes part of one (the peer reads nothing).
+        loop {
+            let sent = ours.write_frames(payloads[taken..].iter().map(|p| (&p[..400], &p[400..])));
+            calls += 1;
+            assert!(sent.whole <= FRAMES_PER_SEND);
+            taken += sent.whole + usize::from(sent.partly);
+            if sent.partly || sent.whole < FRAMES_PER_SEND {
+                break;
+            }
+        }
+        assert!(calls < 1000 / FRAMES_PER_SEND, "a 4 KiB send buffer fills before 1 000 frames of 800 B");
+        let last = ours.write_frames(payloads[taken..].iter().map(|p| (&p[..], &[][..])));
+        assert_eq!(last, FramesSent { whole: 0, partly: false }, "nothing overtakes the tail or a full socket");
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            peer.read_to_end(&mut got).await.expect("read");
+            got
+        });
+        ours.write_all(b"PONG").await.expect("write after the tail");
+        ours.shutdown().await.expect("shutdown");
+        drop(ours);
+        let got = reader.await.expect("reader");
+        let mut expected = Vec::new();
+        let mut header = [0u8; 10];
+        for payload in &payloads[..taken] {
+            expected.extend_from_slice(text_frame_header(payload.len(), &mut header));
+            expected.extend_from_slice(payload);
+        }
+        expected.extend_from_slice(b"PONG");
+        assert_eq!(got.len(), expected.len());
+        assert!(got == expected, "frames whole and in order, then the later write");
     }
 
     #[tokio::test]

@@ -6,7 +6,8 @@
 //! reach every replica. `POST /trigger` publishes into the same exchange with
 //! publisher confirms, so a trigger sent to one replica reaches them all.
 //!
-//! A supervisor task owns the connection: on any loss it marks the broker
+//! A supervisor task, on a thread of its own ([`AmqpBroker::start`] says
+//! why), owns the connection: on any loss it marks the broker
 //! not ready, waits (capped exponential backoff with jitter), reconnects,
 //! redeclares, rebinds and consumes again. Delivery is at-most-once: what is
 //! published while a replica is disconnected is not delivered by it.
@@ -27,6 +28,7 @@ use lapin::tcp::{AsyncTcpStream, RustlsConnector};
 use lapin::types::FieldTable;
 use lapin::uri::{AMQPScheme, AMQPUri};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ErrorKind, ExchangeKind};
+use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::{Broker, BrokerError};
@@ -122,6 +124,9 @@ pub enum AmqpSetupError {
     /// `broker.amqp.tls` cannot be used.
     #[error(transparent)]
     Tls(#[from] TlsError),
+    /// The consumer's thread or its runtime could not be started.
+    #[error("cannot start the RabbitMQ consumer thread: {0}")]
+    Thread(std::io::Error),
 }
 
 /// State shared by the broker handle and its supervisor task.
@@ -167,11 +172,22 @@ impl Shared {
 pub struct AmqpBroker {
     /// State shared with the supervisor task.
     shared: Arc<Shared>,
+    /// Cancelled when the broker is dropped: ends the consumer thread.
+    stop: CancellationToken,
 }
 
 impl AmqpBroker {
     /// Starts the supervisor task (which connects in the background and
     /// retries forever) and returns the broker handle at once.
+    ///
+    /// The supervisor, and with it the consumer's fan-out, runs on a thread
+    /// of its own (`amqp-consumer`, a one-thread tokio runtime), not as a
+    /// task of the gateway's runtime: there, a trigger's wake-up would wait
+    /// in tokio's first-in-first-out run queue behind every session task
+    /// the previous trigger woke, once for the delivery and once for its
+    /// ack, which was most of the gateway's latency from 20 triggers/s on
+    /// (docs/performance.md). The operating system runs a thread that
+    /// wakes from sleep soon, even on a busy core.
     pub fn start(
         config: AmqpConfig,
         limits: TriggerLimits,
@@ -203,8 +219,29 @@ impl AmqpBroker {
             publisher: Mutex::new(None),
             warned_existing_exchange: AtomicBool::new(false),
         });
-        tokio::spawn(supervise(shared.clone()));
-        Ok(AmqpBroker { shared })
+        let stop = CancellationToken::new();
+        let runtime =
+            tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(AmqpSetupError::Thread)?;
+        let (thread_shared, thread_stop) = (shared.clone(), stop.clone());
+        std::thread::Builder::new()
+            .name("amqp-consumer".into())
+            .spawn(move || {
+                runtime.block_on(async {
+                    tokio::select! {
+                        () = supervise(thread_shared) => {}
+                        () = thread_stop.cancelled() => {}
+                    }
+                });
+            })
+            .map_err(AmqpSetupError::Thread)?;
+        Ok(AmqpBroker { shared, stop })
+    }
+}
+
+impl Drop for AmqpBroker {
+    fn drop(&mut self) {
+        // Ends the consumer thread (and its connection) with the broker.
+        self.stop.cancel();
     }
 }
 
