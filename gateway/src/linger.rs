@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -105,25 +105,27 @@ impl ServedStream {
         self.blocked.clone()
     }
 
-    /// One non-blocking `send`, outside tokio's cooperative budget (the
-    /// fan-out's write-through, after the upgrade); `WouldBlock` when the
-    /// socket is full.
+    /// One non-blocking `send`, outside tokio's cooperative budget and
+    /// readiness tracking (the fan-out's write-through and the session's
+    /// batch, after the upgrade); `WouldBlock` when the socket is full.
     ///
     /// `send` and `sendmsg` rather than tokio's `write`/`writev`: a
-    /// socket's own calls skip the VFS layer (`vfs_writev`, `fdget_pos`),
-    /// ≈ 10 % of a write-through's kernel time in the profile
-    /// (docs/performance.md). Not recorded in `blocked`: only the watchdog
-    /// before the upgrade reads it, and these run after (a cold line saved
-    /// per delivery).
+    /// socket's own calls skip the VFS layer (`vfs_writev`, `fdget_pos`).
+    /// Not through tokio's `try_io`, whose readiness word is one more cold
+    /// line per delivery: a `WouldBlock` seen here leaves tokio believing
+    /// the socket writable, which costs only one refused write when the
+    /// session next writes through tokio (it then clears the readiness and
+    /// waits, as for any stale readiness). Not recorded in `blocked`: only
+    /// the watchdog before the upgrade reads it.
     pub fn try_send(&self, buf: &[u8]) -> io::Result<usize> {
         let tcp = self.tcp.as_ref().ok_or_else(|| io::Error::from(io::ErrorKind::NotConnected))?;
-        tcp.try_io(Interest::WRITABLE, || socket2::SockRef::from(tcp).send(buf))
+        socket2::SockRef::from(tcp).send(buf)
     }
 
     /// One non-blocking `sendmsg` of `bufs`, as [`ServedStream::try_send`].
     pub fn try_send_vectored(&self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
         let tcp = self.tcp.as_ref().ok_or_else(|| io::Error::from(io::ErrorKind::NotConnected))?;
-        tcp.try_io(Interest::WRITABLE, || socket2::SockRef::from(tcp).send_vectored(bufs))
+        socket2::SockRef::from(tcp).send_vectored(bufs)
     }
 
     fn tcp(&mut self) -> io::Result<Pin<&mut TcpStream>> {

@@ -35,6 +35,9 @@ pub enum StartError {
     /// The AMQP broker cannot be set up.
     #[error(transparent)]
     Amqp(#[from] AmqpSetupError),
+    /// The memory broker's fan-out thread cannot be started.
+    #[error("cannot start the fan-out thread: {0}")]
+    FanOutThread(std::io::Error),
     /// The listen address cannot be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -76,7 +79,7 @@ impl Server {
         let hub = Arc::new(Hub::new(metrics.clone()));
         hub.set_write_through(config.fanout.write_through);
         let broker: Arc<dyn Broker> = match config.broker.kind {
-            BrokerKind::Memory => Arc::new(MemoryBroker::new(hub.clone())),
+            BrokerKind::Memory => Arc::new(MemoryBroker::new(hub.clone()).map_err(StartError::FanOutThread)?),
             BrokerKind::Amqp => Arc::new(AmqpBroker::start(
                 config.broker.amqp.clone(),
                 config.trigger.limits(),

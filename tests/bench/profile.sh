@@ -8,7 +8,8 @@
 #
 # Then, e.g.:
 #   perf report -i OUT.data --no-children --sort comm -g none          # who used the CPU
-#   perf report -i OUT.data --no-children --comm tokio-rt-worker --sort sym -g none   # the gateway
+#   perf report -i OUT.data --no-children --comm fan-out --sort sym -g none           # the gateway's fan-out thread
+#   perf report -i OUT.data --no-children --comm tokio-rt-worker --sort sym -g none   # its sessions (queued frames)
 #   perf report -i OUT.data --no-children --comm bench-reader --sort sym -g none      # the bench's reader
 #
 # Needs perf (Debian: linux-perf) and the release binaries (cargo build
