@@ -6,13 +6,15 @@
 //! The queue also holds the session's websocket once the session is
 //! authorised, so a delivery can skip the queue: when nothing is queued or
 //! being written for the session, the fan-out writes the frame itself
-//! with one non-blocking vectored write straight to the socket
+//! with one non-blocking `send` straight to the socket
 //! ([`OutboundQueue::push`] with `write_through`,
 //! [`crate::websocket::ClientStream::write_frame`]), and the session's task
 //! is not woken at all. Anything that cannot go out at once stays with the
 //! socket and the session is woken to finish it, as for queued frames.
-//! The session does all its own socket I/O through [`QueueSocket`], under
-//! the same lock, so frames leave in the order they were queued or fed.
+//! The session sends what queued for it the same way, many frames per
+//! `sendmsg`, while tungstenite holds nothing ([`OutboundQueue::poll_feed`]),
+//! and does all its other socket I/O through [`QueueSocket`], under the
+//! same lock, so frames leave in the order they were queued or fed.
 //!
 //! Invariant: `write_pending` is false only when tungstenite holds no
 //! bytes of its own (its write buffer and its queued pong are empty):

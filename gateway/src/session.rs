@@ -10,7 +10,7 @@
 //! spread and stuck writes (its deadline is moved lazily: activity only
 //! updates a field and the timer re-checks when it fires), and the queue
 //! allocates nothing until the first delivery.
-//! It stops for one [`Stop`] reason, sends the matching close frame, and
+//! It stops for one `Stop` reason, sends the matching close frame, and
 //! removes its subscriptions from the hub.
 //!
 //! Permissions stay live: a `refresh` control message (or the periodic
@@ -461,7 +461,7 @@ fn read_error(e: &tungstenite::Error) -> Stop {
 
 /// Drives one websocket from bootstrap to close.
 ///
-/// A plain function around [`serve`]: the socket is boxed before the
+/// A plain function around `serve`: the socket is boxed before the
 /// connection's future exists, so that future (the bulk of what an idle
 /// connection costs) holds a pointer instead of the socket, which rustc
 /// would otherwise store twice (argument and local).

@@ -9,8 +9,8 @@
 //! into one write and spread over the runtime's threads: that is what
 //! keeps up when triggers come faster than one thread can write them one
 //! by one. So the fan-out writes through while doing so would keep it
-//! busy for less than [`HIGH`] of the time, and queues above that, until
-//! the load it would have falls back under [`LOW`].
+//! busy for less than `HIGH` of the time, and queues above that, until
+//! the load it would have falls back under `LOW`.
 //!
 //! The load is the window's deliveries times the cost of one delivery
 //! written through, in both modes. That cost is learned from fan-outs
