@@ -435,6 +435,12 @@ mod tests {
         }
     }
 
+    /// A waker that counts its wakes, and the count.
+    fn counting_waker() -> (Waker, Arc<CountingWaker>) {
+        let counter = Arc::new(CountingWaker(AtomicUsize::new(0)));
+        (Waker::from(counter.clone()), counter)
+    }
+
     fn delivery(n: u32) -> Delivery {
         Delivery { prefix: Arc::from(format!("{n}")), suffix: Arc::from("}") }
     }
@@ -501,8 +507,7 @@ mod tests {
     #[test]
     fn only_the_first_queued_frame_wakes_the_session_and_overflow_always_does() {
         let q = OutboundQueue::new(3);
-        let counter = Arc::new(CountingWaker(AtomicUsize::new(0)));
-        let waker = Waker::from(counter.clone());
+        let (waker, counter) = counting_waker();
         let mut cx = Context::from_waker(&waker);
         let wakes = || counter.0.load(Ordering::SeqCst);
         assert_eq!(q.poll_ready(&mut cx, true), Poll::Pending);
@@ -566,8 +571,7 @@ mod tests {
     #[test]
     fn wakes_the_registered_task() {
         let q = OutboundQueue::new(4);
-        let counter = Arc::new(CountingWaker(AtomicUsize::new(0)));
-        let waker = Waker::from(counter.clone());
+        let (waker, counter) = counting_waker();
         let mut cx = Context::from_waker(&waker);
         assert_eq!(q.poll_ready(&mut cx, true), Poll::Pending);
         q.push(delivery(1), false);
@@ -584,8 +588,7 @@ mod tests {
     #[test]
     fn control_requests_wake_and_come_in_order() {
         let q = OutboundQueue::new(4);
-        let counter = Arc::new(CountingWaker(AtomicUsize::new(0)));
-        let waker = Waker::from(counter.clone());
+        let (waker, counter) = counting_waker();
         let mut cx = Context::from_waker(&waker);
         assert_eq!(q.poll_ready(&mut cx, true), Poll::Pending);
         q.request_refresh(3);

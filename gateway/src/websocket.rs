@@ -378,8 +378,7 @@ pub(crate) mod tests {
 
     #[tokio::test]
     async fn frames_sent_together_come_whole_and_in_order_before_any_later_write() {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let (mut ours, mut peer) = pair().await;
+        let (mut ours, peer) = pair().await;
         let payloads: Vec<Vec<u8>> = (0..1000u32).map(|n| format!("{n:04}").repeat(200).into_bytes()).collect();
         let mut taken = 0;
         let mut calls = 0;
@@ -396,33 +395,14 @@ pub(crate) mod tests {
         assert!(calls < 1000 / FRAMES_PER_SEND, "a 4 KiB send buffer fills before 1 000 frames of 800 B");
         let last = ours.write_frames(payloads[taken..].iter().map(|p| (&p[..], &[][..])));
         assert_eq!(last, FramesSent { whole: 0, partly: false }, "nothing overtakes the tail or a full socket");
-        let reader = tokio::spawn(async move {
-            let mut got = Vec::new();
-            peer.read_to_end(&mut got).await.expect("read");
-            got
-        });
-        ours.write_all(b"PONG").await.expect("write after the tail");
-        ours.shutdown().await.expect("shutdown");
-        drop(ours);
-        let got = reader.await.expect("reader");
-        let mut expected = Vec::new();
-        let mut header = [0u8; 10];
-        for payload in &payloads[..taken] {
-            expected.extend_from_slice(text_frame_header(payload.len(), &mut header));
-            expected.extend_from_slice(payload);
-        }
-        expected.extend_from_slice(b"PONG");
-        assert_eq!(got.len(), expected.len());
-        assert!(got == expected, "frames whole and in order, then the later write");
+        frames_then_a_later_write(ours, peer, payloads[..taken].iter().map(|p| &p[..])).await;
     }
 
     #[tokio::test]
     async fn what_a_write_through_leaves_goes_before_any_later_write() {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let (mut ours, mut peer) = pair().await;
+        let (mut ours, peer) = pair().await;
         // Frames until one is not sent whole (the peer reads nothing).
         let payload = vec![b'a'; 50_000];
-        let mut expected = Vec::new();
         let mut frames = 0;
         loop {
             let written = ours.write_frame(b"", &payload);
@@ -434,7 +414,18 @@ pub(crate) mod tests {
         }
         assert!(!ours.tail.is_empty());
         assert_eq!(ours.write_frame(b"", b"more"), Written::NotTaken, "nothing overtakes the tail");
-        // tungstenite's next bytes (a pong, say) go after the tail.
+        frames_then_a_later_write(ours, peer, std::iter::repeat_n(&payload[..], frames)).await;
+    }
+
+    /// Writes `PONG` after what `ours` holds (tungstenite's next bytes, a
+    /// pong, say, go after any tail) and closes it; the peer must read
+    /// `payloads` as whole text frames, in order, then `PONG`.
+    async fn frames_then_a_later_write<'a>(
+        mut ours: ClientStream,
+        mut peer: tokio::net::TcpStream,
+        payloads: impl Iterator<Item = &'a [u8]>,
+    ) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let reader = tokio::spawn(async move {
             let mut got = Vec::new();
             peer.read_to_end(&mut got).await.expect("read");
@@ -444,10 +435,11 @@ pub(crate) mod tests {
         ours.shutdown().await.expect("shutdown");
         drop(ours);
         let got = reader.await.expect("reader");
+        let mut expected = Vec::new();
         let mut header = [0u8; 10];
-        for _ in 0..frames {
+        for payload in payloads {
             expected.extend_from_slice(text_frame_header(payload.len(), &mut header));
-            expected.extend_from_slice(&payload);
+            expected.extend_from_slice(payload);
         }
         expected.extend_from_slice(b"PONG");
         assert_eq!(got.len(), expected.len());
